@@ -1,0 +1,573 @@
+"""numpy twin of every kernel: the CPU backend and the oracle of the tests.
+
+Each function here states, in array code, what one CUDA kernel in ``cuda/akv.cu`` computes:
+
+=============================  =========================================
+numpy                          CUDA entry point
+=============================  =========================================
+:func:`append_tokens`          ``akv_append``
+:func:`read_sequence`          (a plane read at a tier; used by tests)
+:func:`k_tiers`                phase 1 of ``akv_decode_scores``
+:func:`v_tiers`                ``akv_decode_values`` tier decision
+:func:`decode_attention`       ``akv_decode_scores`` → ``akv_decode_estimate``
+                               → ``akv_decode_values`` → ``akv_decode_combine``
+=============================  =========================================
+
+Tier decisions are integer functions of exactly representable inputs, so the reference's
+tiers equal the kernel's. Outputs agree up to fp32 accumulation order. The precision
+alignment rule is DESIGN.md section 4 (AlignedKV, Tan et al., arXiv 2409.16546, section 3).
+This module depends on :mod:`akv_runtime.layout` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layout import (BLOCK_TOKENS, COUNTER_NAMES, FP16_SPECIAL_EXPONENT, blocks_for,
+                     k_bytes_per_channel_block, v_bytes_per_token)
+
+# ----------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class AlignmentRule:
+    """A precision-alignment rule: how a gap in exponents becomes a tier.
+
+    A value whose largest possible contribution lies ``gap`` binary orders below the
+    reference magnitude is read at tier 8 when ``gap >= thresholds[0]``, at tier 12 when
+    ``gap >= thresholds[1]``, else at tier 16 (DESIGN.md section 4).
+
+    Parameters
+    ----------
+    name : str
+        Name shown in reports.
+    k_thresholds, v_thresholds : (int, int)
+        Gaps for tier 8 and tier 12 on the K and V side.
+    topk : int
+        Blocks whose maximum-weight token enters the V-side output estimate
+        (the "approximate top-k" of DESIGN.md section 4).
+    v_bias : int
+        Added to the V-side reference exponent ``r`` (binary orders).
+    """
+
+    name: str = "seed"
+    k_thresholds: tuple = (8, 4)
+    v_thresholds: tuple = (8, 4)
+    topk: int = 32
+    v_bias: int = 0
+
+    def __post_init__(self):
+        for side in ("k_thresholds", "v_thresholds"):
+            t8, t12 = getattr(self, side)
+            if not (int(t8) >= int(t12) >= 0):
+                raise ValueError(f"{side}: expected (tier-8 gap, tier-12 gap) with "
+                                 f"tier-8 gap >= tier-12 gap >= 0, got {(t8, t12)}")
+        if not 1 <= int(self.topk) <= 1024:
+            raise ValueError(f"topk: expected 1..1024, got {self.topk}")
+
+
+#: The seed's rule of DESIGN.md section 4.
+SEED_RULE = AlignmentRule()
+
+MODES = ("aligned", "full")
+
+
+def tier_from_gap(gap, thresholds) -> np.ndarray:
+    """Tier (uint8: 8, 12 or 16) for integer exponent gaps, elementwise."""
+    gap = np.asarray(gap)
+    t8, t12 = thresholds
+    return np.where(gap >= t8, 8, np.where(gap >= t12, 12, 16)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- fp16 / fp32 bit helpers
+
+
+def fp16_bits(x) -> np.ndarray:
+    """uint16 view of an fp16 array."""
+    x = np.asarray(x)
+    if x.dtype != np.float16:
+        raise TypeError(f"expected float16, got {x.dtype}")
+    return x.view(np.uint16)
+
+
+def exponent_field16(bits) -> np.ndarray:
+    """Biased fp16 exponent field E(x) of uint16 bit patterns; subnormal and zero count as 1."""
+    e = (np.asarray(bits).astype(np.int32) >> 10) & 0x1F
+    return np.maximum(e, 1)
+
+
+def hi_exponent_field(hi) -> np.ndarray:
+    """E(x) read from the hi plane byte alone (the exponent lies wholly in it)."""
+    e = (np.asarray(hi).astype(np.int32) >> 2) & 0x1F
+    return np.maximum(e, 1)
+
+
+def unbiased_exponent32(x) -> np.ndarray:
+    """floor(log2|x|) of float32 values from the exponent field (subnormal and 0 → -126)."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    e = ((bits >> 23) & 0xFF).astype(np.int32)
+    return np.maximum(e, 1) - 127
+
+
+def split_planes(x) -> tuple:
+    """Split fp16 values into (hi byte, mid nibble, lo nibble), each uint8, same shape."""
+    b = fp16_bits(x)
+    return ((b >> 8).astype(np.uint8), ((b >> 4) & 0xF).astype(np.uint8),
+            (b & 0xF).astype(np.uint8))
+
+
+def join_planes(hi, mid, lo, tier) -> np.ndarray:
+    """Rebuild fp16 from planes read at ``tier`` (scalar or broadcastable array).
+
+    Dropped bits are refilled with the midpoint pattern (``0x80`` at tier 8, ``0x8`` at
+    tier 12) so truncation is unbiased; values whose exponent field is all ones (Inf, NaN)
+    are refilled with zeros so that Inf stays Inf (DESIGN.md section 3).
+    """
+    hi = np.asarray(hi).astype(np.uint16)
+    mid = np.asarray(mid).astype(np.uint16)
+    lo = np.asarray(lo).astype(np.uint16)
+    tier = np.asarray(tier)
+    special = (hi & 0x7C) == 0x7C
+    full = (hi << 8) | (mid << 4) | lo
+    t12 = (hi << 8) | (mid << 4) | np.where(special, 0, 0x8).astype(np.uint16)
+    t8 = (hi << 8) | np.where(special, 0, 0x80).astype(np.uint16)
+    bits = np.where(tier >= 16, full, np.where(tier >= 12, t12, t8)).astype(np.uint16)
+    return bits.view(np.float16)
+
+
+def pack_nibbles(even, odd) -> np.ndarray:
+    """Pack two nibble arrays into bytes: ``even`` in the low nibble, ``odd`` in the high."""
+    return (np.asarray(even, np.uint8) & 0xF) | ((np.asarray(odd, np.uint8) & 0xF) << 4)
+
+
+def unpack_nibbles(packed, axis=-1) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles` along ``axis``: n bytes → 2n nibbles, interleaved."""
+    packed = np.asarray(packed, np.uint8)
+    low, high = packed & 0xF, packed >> 4
+    out = np.stack([low, high], axis=axis if axis >= 0 else packed.ndim + axis + 1)
+    shape = list(packed.shape)
+    ax = axis if axis >= 0 else packed.ndim + axis
+    shape[ax] *= 2
+    return out.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- append
+
+
+def append_tokens(planes: dict, block_table, starts, k, v, counts=None) -> None:
+    """Write new tokens' K/V into the planes of one layer (twin of ``akv_append``).
+
+    Parameters
+    ----------
+    planes : dict of str → numpy.ndarray
+        One layer's planes, shapes of :meth:`PlaneLayout.plane_shape` without the layer axis.
+        Modified in place.
+    block_table : int32 [batch, blocks_per_sequence]
+    starts : int [batch]
+        Tokens already in each sequence before this append.
+    k, v : float16 [batch, kv_heads, new_tokens, head_dim]
+    counts : int [batch], optional
+        New tokens to take from each sequence (default: all ``new_tokens``).
+
+    Bytes shared by two tokens are read, modified and written so the neighbour's nibble is
+    kept; a block's exponent maxima restart when its first token is written.
+    """
+    k = np.asarray(k)
+    v = np.asarray(v)
+    B, Hk, S, D = k.shape
+    counts = np.full(B, S) if counts is None else np.asarray(counts)
+    heads = np.arange(Hk)[None, :, None]
+    chans = np.arange(D)[None, None, :]
+    for b in range(B):
+        n = int(counts[b])
+        if n == 0:
+            continue
+        pos = int(starts[b]) + np.arange(n)
+        blocks = np.asarray(block_table[b])[pos // BLOCK_TOKENS].astype(np.int64)
+        offs = pos % BLOCK_TOKENS
+        kb = np.ascontiguousarray(k[b, :, :n, :].transpose(1, 0, 2))   # [n, Hk, D]
+        vb = np.ascontiguousarray(v[b, :, :n, :].transpose(1, 0, 2))
+        k_hi, k_mid, k_lo = split_planes(kb)
+        v_hi, v_mid, v_lo = split_planes(vb)
+        blk = blocks[:, None, None]
+        off = offs[:, None, None]
+        # exponent maxima restart in a block whose first token is written now
+        fresh = np.unique(blocks[offs == 0])
+        planes["k_exp_max"][fresh] = 0
+        planes["v_exp_max"][fresh] = 0
+        np.maximum.at(planes["k_exp_max"], (blk, heads, chans),
+                      hi_exponent_field(k_hi).astype(np.uint8))
+        np.maximum.at(planes["v_exp_max"], (blk, heads, chans),
+                      hi_exponent_field(v_hi).astype(np.uint8))
+        # K: channel-major, token pairs share a nibble byte
+        planes["k_hi"][blk, heads, chans, off] = k_hi
+        for parity in (0, 1):
+            sel = offs % 2 == parity
+            if not sel.any():
+                continue
+            sb, so = blk[sel], off[sel] // 2
+            for name, nib in (("k_mid", k_mid[sel]), ("k_lo", k_lo[sel])):
+                old = planes[name][sb, heads, chans, so]
+                keep = np.uint8(0xF0 if parity == 0 else 0x0F)
+                new = nib if parity == 0 else (nib << 4).astype(np.uint8)
+                planes[name][sb, heads, chans, so] = (old & keep) | new
+        # V: token-major, channel pairs of one token share a byte
+        rows = (blocks[:, None], np.arange(Hk)[None, :], offs[:, None])
+        planes["v_hi"][rows] = v_hi
+        planes["v_mid"][rows] = pack_nibbles(v_mid[..., 0::2], v_mid[..., 1::2])
+        planes["v_lo"][rows] = pack_nibbles(v_lo[..., 0::2], v_lo[..., 1::2])
+
+
+def _gather_k(planes, blocks):
+    """K planes of the given blocks as nibble-unpacked arrays [nblk, Hk, D, 64]."""
+    return (planes["k_hi"][blocks], unpack_nibbles(planes["k_mid"][blocks]),
+            unpack_nibbles(planes["k_lo"][blocks]))
+
+
+def _gather_v(planes, blocks):
+    """V planes of the given blocks as nibble-unpacked arrays [nblk, Hk, 64, D]."""
+    return (planes["v_hi"][blocks], unpack_nibbles(planes["v_mid"][blocks]),
+            unpack_nibbles(planes["v_lo"][blocks]))
+
+
+def read_sequence(planes: dict, block_table_row, length: int, tier=16) -> tuple:
+    """Read one sequence back from one layer's planes at ``tier``.
+
+    Returns ``(K, V)``, float16 ``[kv_heads, length, head_dim]``. At tier 16 these equal the
+    appended values bit for bit.
+    """
+    nblk = blocks_for(length)
+    blocks = np.asarray(block_table_row)[:nblk].astype(np.int64)
+    kh, km, kl = _gather_k(planes, blocks)
+    K = join_planes(kh, km, kl, tier)                       # [nblk, Hk, D, 64]
+    K = K.transpose(1, 0, 3, 2).reshape(K.shape[1], -1, K.shape[2])[:, :length]
+    vh, vm, vl = _gather_v(planes, blocks)
+    V = join_planes(vh, vm, vl, tier)                       # [nblk, Hk, 64, D]
+    V = V.transpose(1, 0, 2, 3).reshape(V.shape[1], -1, V.shape[3])[:, :length]
+    return K, V
+
+
+# ------------------------------------------------------------------------------ tiers
+
+
+def k_tiers(q, k_exp_max, rule: AlignmentRule = SEED_RULE) -> np.ndarray:
+    """K-side tiers per (KV head, block, channel) for one sequence's decode query.
+
+    ``a_i = E(q_i) + k_exp_max[block, i]``, ``gap_i = max_i a_i - a_i``, tier by
+    ``rule.k_thresholds``; a channel is read at the highest tier any query head of its GQA
+    group needs; a block-channel holding Inf/NaN (exponent 31) is read at 16 bits
+    (DESIGN.md section 4).
+
+    Parameters
+    ----------
+    q : float16 [query_heads, D]
+    k_exp_max : uint8 [blocks, kv_heads, D]
+
+    Returns
+    -------
+    uint8 [kv_heads, blocks, D]
+    """
+    q = np.asarray(q)
+    Hq, D = q.shape
+    nblk, Hk, _ = k_exp_max.shape
+    G = Hq // Hk
+    eq = exponent_field16(fp16_bits(q)).reshape(Hk, G, 1, D)
+    ek = np.asarray(k_exp_max).astype(np.int32).transpose(1, 0, 2)[:, None]  # [Hk,1,nblk,D]
+    a = eq + ek                                                            # [Hk,G,nblk,D]
+    gap = a.max(axis=-1, keepdims=True) - a
+    tiers = tier_from_gap(gap, rule.k_thresholds).max(axis=1)             # [Hk,nblk,D]
+    tiers[ek[:, 0] == FP16_SPECIAL_EXPONENT] = 16
+    return tiers
+
+
+def v_reference_exponent(o_est, v_exp_max, rule: AlignmentRule = SEED_RULE) -> np.ndarray:
+    """``r[h, block] = min_d (e(O_est[h, d]) - e(v_exp_max[block, d])) + bias`` (int32).
+
+    ``e`` is the unbiased exponent (fp32 for O_est, fp16 for V), so that the product bound
+    ``p·v < 2^(e(p)+1) · 2^(e(vmax)+1)`` is compared with the output's size.
+
+    Parameters
+    ----------
+    o_est : float32 [query_heads, D]
+    v_exp_max : uint8 [blocks, kv_heads, D]
+
+    Returns
+    -------
+    int32 [query_heads, blocks]
+    """
+    Hq, D = o_est.shape
+    nblk, Hk, _ = v_exp_max.shape
+    G = Hq // Hk
+    eo = unbiased_exponent32(o_est)                                         # [Hq, D]
+    ev = np.maximum(np.asarray(v_exp_max).astype(np.int32), 1) - 15         # [nblk,Hk,D]
+    ev_q = np.repeat(ev.transpose(1, 0, 2), G, axis=0)                      # [Hq,nblk,D]
+    return (eo[:, None, :] - ev_q).min(axis=-1) + int(rule.v_bias)
+
+
+def v_tiers(p, o_est, v_exp_max, length: int, rule: AlignmentRule = SEED_RULE) -> np.ndarray:
+    """V-side tiers per (KV head, token) for one sequence (DESIGN.md section 4).
+
+    ``gap_j = r[h, block(j)] - e(p_j)`` with ``r`` from :func:`v_reference_exponent`; tier by
+    ``rule.v_thresholds``; the highest tier over the GQA group; every token of a block whose
+    V holds Inf/NaN (exponent 31) is read at 16 bits.
+
+    Parameters
+    ----------
+    p : float32 [query_heads, >= length]
+        Normalised attention weights.
+    o_est : float32 [query_heads, D]
+    v_exp_max : uint8 [blocks, kv_heads, D]
+
+    Returns
+    -------
+    uint8 [kv_heads, length]
+    """
+    Hq = p.shape[0]
+    nblk, Hk, _ = v_exp_max.shape
+    G = Hq // Hk
+    r = v_reference_exponent(o_est, v_exp_max, rule)                       # [Hq, nblk]
+    token_block = np.arange(length) // BLOCK_TOKENS
+    gap = r[:, token_block] - unbiased_exponent32(p[:, :length])
+    tiers = tier_from_gap(gap, rule.v_thresholds).reshape(Hk, G, length).max(axis=1)
+    special = (np.asarray(v_exp_max) == FP16_SPECIAL_EXPONENT).any(axis=-1)  # [nblk, Hk]
+    tiers[special.T[:, token_block]] = 16
+    return tiers
+
+
+# ------------------------------------------------------------------- decode attention
+
+
+@dataclass
+class DecodeResult:
+    """What :func:`decode_attention` returns.
+
+    Attributes
+    ----------
+    output : float16 [batch, query_heads, D]
+    counters : int64 [len(COUNTER_NAMES)]
+        Bytes read per plane, metadata bytes and K values covered (the kernel's counters).
+    k_tiers, v_tiers : list (per sequence) of uint8 [kv_heads, blocks, D] / [kv_heads, length]
+    scores, weights : list of float32 [query_heads, length]
+    stats : float32 [batch, query_heads, 2] – global max and sum
+    o_est : float32 [batch, query_heads, D]
+    """
+
+    output: np.ndarray
+    counters: np.ndarray
+    k_tiers: list = field(default_factory=list)
+    v_tiers: list = field(default_factory=list)
+    scores: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    stats: np.ndarray | None = None
+    o_est: np.ndarray | None = None
+
+    def counter_dict(self) -> dict:
+        return {n: int(c) for n, c in zip(COUNTER_NAMES, self.counters)}
+
+
+def bits_per_value(counters) -> dict:
+    """Bits read per cached value from byte counters: ``{"k", "v", "total"}``.
+
+    ``total`` includes the metadata (exponent maxima and the V estimate's rows).
+    """
+    c = dict(zip(COUNTER_NAMES, np.asarray(counters, dtype=np.float64)))
+    values = max(c["values"], 1.0)
+    k = 8 * (c["k_hi_bytes"] + c["k_mid_bytes"] + c["k_lo_bytes"]) / values
+    v = 8 * (c["v_hi_bytes"] + c["v_mid_bytes"] + c["v_lo_bytes"]) / values
+    return {"k": k, "v": v, "total": (k + v) / 2 + 8 * c["metadata_bytes"] / (2 * values)}
+
+
+def estimate_blocks(block_max, topk: int) -> np.ndarray:
+    """The "approximate top-k": indices of the ``topk`` blocks with the largest block
+    maximum score, ties to the lower block index (the order the kernel selects them in).
+
+    Parameters
+    ----------
+    block_max : float32 [blocks]
+    """
+    order = np.lexsort((np.arange(block_max.shape[0]), -block_max.astype(np.float64)))
+    return order[:min(topk, block_max.shape[0])]
+
+
+def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned",
+                     rule: AlignmentRule = SEED_RULE, scale: float | None = None,
+                     keep_debug: bool = False) -> DecodeResult:
+    """Decode attention of one query token per sequence against one layer's planes.
+
+    The twin of the four CUDA decode kernels (DESIGN.md section 5): K read at
+    :func:`k_tiers`, fp32 scores, per-block max/arg-max/sum, global max ``m`` and sum ``l``,
+    the V-side estimate ``O_est_d = Σ_{j∈S} p_j |v8_jd|`` over the arg-max tokens of the
+    top-``rule.topk`` blocks (hi plane only), V read at :func:`v_tiers`, fp32 output.
+
+    Parameters
+    ----------
+    planes : dict of str → ndarray
+        One layer's planes.
+    q : float16 [batch, query_heads, D]
+    block_table : int32 [batch, blocks_per_sequence]
+    lengths : int [batch]
+        Tokens in each sequence (each ≥ 1).
+    mode : {"aligned", "full"}
+        ``full`` reads all 16 bits (must match fp16 attention).
+    rule : AlignmentRule
+    scale : float, optional
+        Score scale, default ``1/sqrt(D)``.
+    keep_debug : bool
+        Keep tiers, scores and weights per sequence in the result.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    q = np.asarray(q)
+    B, Hq, D = q.shape
+    Hk = planes["k_exp_max"].shape[1]
+    G = Hq // Hk
+    scale = np.float32(1.0 / np.sqrt(D) if scale is None else scale)
+    out = np.zeros((B, Hq, D), np.float16)
+    counters = np.zeros(len(COUNTER_NAMES), np.int64)
+    result = DecodeResult(out, counters, stats=np.zeros((B, Hq, 2), np.float32),
+                          o_est=np.zeros((B, Hq, D), np.float32))
+    for b in range(B):
+        n = int(lengths[b])
+        nblk = blocks_for(n)
+        blocks = np.asarray(block_table[b])[:nblk].astype(np.int64)
+        kexp = planes["k_exp_max"][blocks]                      # [nblk, Hk, D]
+        vexp = planes["v_exp_max"][blocks]
+        if mode == "full":
+            kt = np.full((Hk, nblk, D), 16, np.uint8)
+        else:
+            kt = k_tiers(q[b], kexp, rule)
+        kh, km, kl = _gather_k(planes, blocks)                  # [nblk, Hk, D, 64]
+        K = join_planes(kh, km, kl, kt.transpose(1, 0, 2)[..., None]).astype(np.float32)
+        K = K.transpose(1, 0, 3, 2).reshape(Hk, nblk * BLOCK_TOKENS, D)
+        qf = q[b].astype(np.float32).reshape(Hk, G, D)
+        s = np.einsum("hgd,hjd->hgj", qf.astype(np.float64), K.astype(np.float64))
+        s = (s.astype(np.float32) * scale).reshape(Hq, -1)      # [Hq, nblk*64]
+        valid = np.arange(nblk * BLOCK_TOKENS) < n
+        s_masked = np.where(valid[None], s, -np.inf).reshape(Hq, nblk, BLOCK_TOKENS)
+        bmax = s_masked.max(axis=-1)                            # [Hq, nblk]
+        barg = s_masked.argmax(axis=-1) + np.arange(nblk) * BLOCK_TOKENS
+        with np.errstate(invalid="ignore", over="ignore"):
+            bsum = np.exp(s_masked - bmax[..., None]).sum(axis=-1, dtype=np.float32)
+            m = bmax.max(axis=-1)                               # [Hq]
+            l = (bsum * np.exp(bmax - m[:, None])).sum(axis=-1, dtype=np.float32)
+            p = (np.exp(s[:, :n] - m[:, None]) / l[:, None]).astype(np.float32)
+        result.stats[b, :, 0], result.stats[b, :, 1] = m, l
+        # the V-side estimate from the top-k blocks' arg-max tokens (hi plane only)
+        vh, vm, vl = _gather_v(planes, blocks)                  # [nblk, Hk, 64, D]
+        v8 = np.abs(join_planes(vh, vm, vl, 8).astype(np.float32))
+        o_est = np.zeros((Hq, D), np.float32)
+        for h in range(Hq):
+            for blk in estimate_blocks(bmax[h], rule.topk):
+                j = int(barg[h, blk])
+                o_est[h] += p[h, j] * v8[blk, h // G, j % BLOCK_TOKENS]
+        result.o_est[b] = o_est
+        if mode == "full":
+            vt = np.full((Hk, n), 16, np.uint8)
+        else:
+            vt = v_tiers(p, o_est, vexp, n, rule)
+        V = join_planes(vh, vm, vl, _token_tiers_to_blocks(vt, nblk)).astype(np.float32)
+        V = V.transpose(1, 0, 2, 3).reshape(Hk, nblk * BLOCK_TOKENS, D)[:, :n]
+        o = np.einsum("hgj,hjd->hgd", p.reshape(Hk, G, n).astype(np.float64),
+                      V.astype(np.float64))
+        out[b] = o.reshape(Hq, D).astype(np.float32).astype(np.float16)
+        counters += _count_bytes(kt, vt, n, Hq, nblk, D, rule)
+        if keep_debug:
+            result.k_tiers.append(kt)
+            result.v_tiers.append(vt)
+            result.scores.append(s[:, :n])
+            result.weights.append(p)
+    return result
+
+
+def _token_tiers_to_blocks(vt, nblk):
+    """Token tiers [Hk, n] → broadcastable [nblk, Hk, 64, 1] (padding tokens at tier 16)."""
+    Hk, n = vt.shape
+    padded = np.full((Hk, nblk * BLOCK_TOKENS), 16, np.uint8)
+    padded[:, :n] = vt
+    return padded.reshape(Hk, nblk, BLOCK_TOKENS).transpose(1, 0, 2)[..., None]
+
+
+def _count_bytes(kt, vt, n, Hq, nblk, D, rule):
+    """Bytes read per plane, as the kernel counts them (layout.py gives bytes per tier)."""
+    Hk = kt.shape[0]
+    half_t, half_d = BLOCK_TOKENS // 2, D // 2
+    c = np.zeros(len(COUNTER_NAMES), np.int64)
+    c[0] = BLOCK_TOKENS * kt.size
+    c[1] = half_t * int((kt >= 12).sum())
+    c[2] = half_t * int((kt >= 16).sum())
+    c[3] = D * vt.size
+    c[4] = half_d * int((vt >= 12).sum())
+    c[5] = half_d * int((vt >= 16).sum())
+    assert c[:3].sum() == k_bytes_per_channel_block(kt).sum()
+    assert c[3:6].sum() == v_bytes_per_token(vt, D).sum()
+    # exponent maxima (K and V) per block and KV head, plus the estimate's hi rows
+    c[6] = 2 * D * nblk * Hk + D * Hq * min(rule.topk, nblk)
+    c[7] = n * D * Hk
+    return c
+
+
+# -------------------------------------------------------------- plain attentions (oracles)
+
+
+def float64_attention(q, K, V, scale: float | None = None) -> np.ndarray:
+    """Exact decode attention in float64.
+
+    Parameters
+    ----------
+    q : [query_heads, D]; K, V : [kv_heads, n, D] (any float dtype)
+
+    Returns
+    -------
+    float64 [query_heads, D]
+    """
+    q = np.asarray(q, np.float64)
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    Hq, D = q.shape
+    Hk = K.shape[0]
+    G = Hq // Hk
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    s = np.einsum("hgd,hjd->hgj", q.reshape(Hk, G, D), K) * scale
+    s -= s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hgj,hjd->hgd", p, V).reshape(Hq, D)
+
+
+def fp16_attention(q, K, V, scale: float | None = None) -> np.ndarray:
+    """Plain fp16 decode attention as eager PyTorch computes it on fp16 tensors.
+
+    Scores are fp32 dot products rounded to fp16, scaled in fp16; softmax in fp32 rounded to
+    fp16; the output is an fp32 sum of fp16 products rounded to fp16. The baseline the aligned
+    cache's error is held against.
+
+    Parameters
+    ----------
+    q : float16 [query_heads, D]; K, V : float16 [kv_heads, n, D]
+
+    Returns
+    -------
+    float16 [query_heads, D]
+    """
+    q = np.asarray(q, np.float16).astype(np.float32)
+    K = np.asarray(K, np.float16).astype(np.float32)
+    V = np.asarray(V, np.float16).astype(np.float32)
+    Hq, D = q.shape
+    Hk = K.shape[0]
+    G = Hq // Hk
+    scale = np.float16(1.0 / np.sqrt(D) if scale is None else scale)
+    s = np.einsum("hgd,hjd->hgj", q.reshape(Hk, G, D), K).astype(np.float16)
+    s = (s * scale).astype(np.float16).astype(np.float32)
+    s -= s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p = (p / p.sum(axis=-1, keepdims=True)).astype(np.float16).astype(np.float32)
+    return np.einsum("hgj,hjd->hgd", p, V).reshape(Hq, D).astype(np.float16)
+
+
+def relative_error(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (NaN when either holds NaN)."""
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-300))
