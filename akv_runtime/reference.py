@@ -376,7 +376,8 @@ def bits_per_value(counters) -> dict:
     values = max(c["values"], 1.0)
     k = 8 * (c["k_hi_bytes"] + c["k_mid_bytes"] + c["k_lo_bytes"]) / values
     v = 8 * (c["v_hi_bytes"] + c["v_mid_bytes"] + c["v_lo_bytes"]) / values
-    return {"k": k, "v": v, "total": (k + v) / 2 + 8 * c["metadata_bytes"] / (2 * values)}
+    total = (k + v) / 2 + 8 * c["metadata_bytes"] / (2 * values)
+    return {"k": float(k), "v": float(v), "total": float(total)}
 
 
 def estimate_blocks(block_max, topk: int) -> np.ndarray:

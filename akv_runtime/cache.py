@@ -1,0 +1,426 @@
+"""AlignedKVCache: per-layer bit planes, block table, append and precision-aligned decode.
+
+The cache is the public face of the runtime. It checks every argument in Python before any
+launch (a bad call raises ``ValueError``/``TypeError`` naming the argument and leaves the
+cache unchanged), then hands the work to a backend:
+
+* ``cuda`` – the cubins of ``cuda/akv.cu`` through the cuda-python driver API
+  (:mod:`akv_runtime.kernels`), buffers owned by the runtime and exported through DLPack;
+* ``numpy`` – :mod:`akv_runtime.reference`, the kernels' numpy twin, used when no driver or
+  no GPU is present (with a notice), so the same calls work on a CPU machine.
+
+Layout and rules: DESIGN.md sections 3–5; :mod:`akv_runtime.layout`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from . import reference
+from .arrays import describe, is_torch_tensor, to_numpy
+from .layout import (BLOCK_TOKENS, COUNTER_NAMES, MAX_GQA_GROUP, PLANE_NAMES,
+                     SUPPORTED_HEAD_DIMS, PlaneLayout, blocks_for, identity_block_table)
+from .reference import MODES, SEED_RULE, AlignmentRule
+
+
+class CPUFallbackWarning(RuntimeWarning):
+    """The CUDA backend is unavailable; the numpy reference serves the cache."""
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot run here, or None when it can."""
+    from . import driver
+    return driver.unavailable_reason()
+
+
+class AlignedKVCache:
+    """A bit-plane KV cache for decode with precision-aligned reads.
+
+    Parameters
+    ----------
+    num_layers : int
+        Decoder layers L.
+    num_kv_heads : int
+        KV heads per layer.
+    head_dim : int
+        Channels per head D: 64 or 128.
+    max_seq_len : int
+        Tokens each sequence can hold (rounded up to whole 64-token blocks).
+    num_query_heads : int, optional
+        Query heads (default ``num_kv_heads``: MHA); a multiple of ``num_kv_heads`` with a
+        GQA group of at most 8.
+    batch_size : int
+        Sequences in the batch.
+    block_table : int array [batch_size, blocks_per_sequence], optional
+        Physical block of each logical block of each sequence (paged attention). Default: a
+        contiguous cache (the identity table).
+    num_blocks : int, optional
+        Blocks in the pool (default ``batch_size * blocks_per_sequence``).
+    rule : AlignmentRule
+        The precision-alignment rule used in ``aligned`` mode (DESIGN.md section 4).
+    backend : {"auto", "cuda", "numpy"}
+        ``auto`` takes CUDA when a driver and a GPU are present, else numpy with a
+        :class:`CPUFallbackWarning`.
+    device_id : int
+        CUDA device ordinal.
+
+    Raises
+    ------
+    ValueError
+        For impossible shapes (head counts that do not divide, unsupported head_dim, a block
+        table out of range) or ``backend="cuda"`` on a machine without one.
+    """
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, max_seq_len, *,
+                 num_query_heads=None, batch_size=1, block_table=None, num_blocks=None,
+                 rule: AlignmentRule = SEED_RULE, backend="auto", device_id=0):
+        num_layers = _positive_int("num_layers", num_layers)
+        num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
+        max_seq_len = _positive_int("max_seq_len", max_seq_len)
+        batch_size = _positive_int("batch_size", batch_size)
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim: expected one of {SUPPORTED_HEAD_DIMS}, got {head_dim!r}")
+        num_query_heads = num_kv_heads if num_query_heads is None else _positive_int(
+            "num_query_heads", num_query_heads)
+        if num_query_heads % num_kv_heads:
+            raise ValueError(f"num_query_heads: {num_query_heads} is not a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        if num_query_heads // num_kv_heads > MAX_GQA_GROUP:
+            raise ValueError(f"num_query_heads: a GQA group of "
+                             f"{num_query_heads // num_kv_heads} exceeds {MAX_GQA_GROUP}")
+        if not isinstance(rule, AlignmentRule):
+            raise TypeError(f"rule: expected an AlignmentRule, got {type(rule).__name__}")
+        blocks_per_seq = blocks_for(max_seq_len)
+        if block_table is None:
+            num_blocks = batch_size * blocks_per_seq if num_blocks is None else num_blocks
+            num_blocks = _positive_int("num_blocks", num_blocks)
+            if num_blocks < batch_size * blocks_per_seq:
+                raise ValueError(f"num_blocks: {num_blocks} blocks cannot hold the identity "
+                                 f"table of {batch_size} x {blocks_per_seq} blocks; pass "
+                                 f"block_table")
+            table = identity_block_table(batch_size, blocks_per_seq)
+        else:
+            table = np.asarray(to_numpy(block_table))
+            if table.ndim != 2 or table.shape[0] != batch_size or table.shape[1] < blocks_per_seq:
+                raise ValueError(f"block_table: expected shape [{batch_size}, >= "
+                                 f"{blocks_per_seq}], got {list(table.shape)}")
+            if not np.issubdtype(table.dtype, np.integer):
+                raise TypeError(f"block_table: expected integers, got {table.dtype}")
+            table = np.ascontiguousarray(table[:, :blocks_per_seq], dtype=np.int32)
+            num_blocks = int(table.max()) + 1 if num_blocks is None else _positive_int(
+                "num_blocks", num_blocks)
+            if table.min() < 0 or table.max() >= num_blocks:
+                raise ValueError(f"block_table: entries must lie in [0, {num_blocks})")
+            if len(np.unique(table)) != table.size:
+                raise ValueError("block_table: a physical block appears twice; each logical "
+                                 "block needs its own physical block")
+        if backend not in ("auto", "cuda", "numpy"):
+            raise ValueError(f"backend: expected 'auto', 'cuda' or 'numpy', got {backend!r}")
+
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_query_heads, self.batch_size = num_query_heads, batch_size
+        self.blocks_per_sequence = blocks_per_seq
+        self.capacity = blocks_per_seq * BLOCK_TOKENS
+        self.rule = rule
+        self.layout = PlaneLayout(num_layers, int(num_blocks), num_kv_heads, head_dim)
+        self.block_table = table
+        self._lengths = np.zeros((num_layers, batch_size), np.int64)
+
+        if backend == "auto":
+            reason = cuda_unavailable_reason()
+            if reason is None:
+                backend = "cuda"
+            else:
+                warnings.warn(f"akv_runtime: no CUDA backend ({reason}); the numpy reference "
+                              f"serves the cache on the CPU", CPUFallbackWarning, stacklevel=2)
+                backend = "numpy"
+        if backend == "cuda":
+            reason = cuda_unavailable_reason()
+            if reason is not None:
+                raise ValueError(f"backend: 'cuda' is not available here: {reason}")
+            from .kernels import CudaBackend
+            self._backend = CudaBackend(self, device_id)
+        else:
+            self._backend = NumpyBackend(self)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` or ``"numpy"``."""
+        return self._backend.name
+
+    @property
+    def device(self) -> str:
+        """The device in words (GPU name and compute capability, or the CPU)."""
+        return self._backend.device_name
+
+    def lengths(self, layer: int | None = None) -> np.ndarray:
+        """Tokens held per sequence: int64 ``[batch]`` for ``layer``, or ``[L, batch]``."""
+        if layer is None:
+            return self._lengths.copy()
+        return self._lengths[self._check_layer(layer)].copy()
+
+    # ----------------------------------------------------------------- checks
+    def _check_layer(self, layer):
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: {layer} is out of range [0, {self.num_layers})")
+        return int(layer)
+
+    def _check_array(self, name, x, shape):
+        info = describe(x, name)
+        if info.dtype != np.float16:
+            raise TypeError(f"{name}: expected dtype float16, got {info.dtype_name}")
+        if len(info.shape) != len(shape) or any(
+                want is not None and got != want for got, want in zip(info.shape, shape)):
+            want = ", ".join("*" if w is None else str(w) for w in shape)
+            raise ValueError(f"{name}: expected shape [{want}], got {list(info.shape)}")
+        self._backend.check_device(name, info)
+        return info
+
+    # ----------------------------------------------------------------- append
+    def append(self, layer: int, k, v, *, stream=None) -> None:
+        """Append new tokens' K and V to every sequence of ``layer`` (prefill or decode).
+
+        Parameters
+        ----------
+        layer : int
+        k, v : float16 [batch, kv_heads, new_tokens, head_dim]
+            The projected (RoPE-applied) keys and values, as Hugging Face lays them out; any
+            strides with the channel axis contiguous are read in place on the GPU.
+        stream : int, optional
+            CUDA stream handle to launch on (default: torch's current stream for torch
+            tensors, else the legacy default stream).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Wrong dtype, shape, device, layer, or more tokens than the capacity; the cache is
+            unchanged.
+        """
+        layer = self._check_layer(layer)
+        B, Hk, D = self.batch_size, self.num_kv_heads, self.head_dim
+        k_info = self._check_array("k", k, (B, Hk, None, D))
+        v_info = self._check_array("v", v, (B, Hk, None, D))
+        if k_info.shape != v_info.shape:
+            raise ValueError(f"v: shape {list(v_info.shape)} differs from k's "
+                             f"{list(k_info.shape)}")
+        new = k_info.shape[2]
+        if new < 1:
+            raise ValueError("k: holds no tokens (new_tokens == 0)")
+        after = self._lengths[layer] + new
+        if after.max() > self.capacity:
+            raise ValueError(f"k: appending {new} tokens to layer {layer} would hold "
+                             f"{int(after.max())} tokens, past the capacity of "
+                             f"{self.capacity} (max_seq_len rounded up to 64-token blocks)")
+        self._backend.append(layer, k_info, v_info, self._lengths[layer].copy(), stream)
+        self._lengths[layer] = after
+
+    # ----------------------------------------------------------------- attend
+    def attend(self, layer: int, q, *, mode: str = "aligned", out=None, stream=None,
+               count: bool = False, debug: bool = False, rule: AlignmentRule | None = None):
+        """Decode attention of one query token per sequence over ``layer``'s cache.
+
+        ``o = softmax(q·Kᵀ/√D)·V`` with K read per (block, channel) and V per token at the
+        tiers the precision-alignment rule picks (``mode="aligned"``, DESIGN.md section 4), or
+        at all 16 bits (``mode="full"``, equal to fp16 attention up to fp32 rounding).
+
+        Parameters
+        ----------
+        layer : int
+        q : float16 [batch, query_heads, head_dim]
+        mode : {"aligned", "full"}
+        out : float16 [batch, query_heads, head_dim], optional
+            Written in place (contiguous); with it the call allocates nothing on the GPU.
+        stream : int, optional
+            CUDA stream handle (default: torch's current stream for torch tensors).
+        count : bool
+            Add the bytes read per plane to the cache's counters (:meth:`counters`).
+        debug : bool
+            Also return a dict with the tiers, scores, weights and estimates the backend used
+            (copies to the host; for tests).
+        rule : AlignmentRule, optional
+            Override the cache's rule for this call.
+
+        Returns
+        -------
+        output : same kind as ``q`` (numpy array or torch tensor) [batch, query_heads, D]
+            fp16; ``(output, debug_info)`` when ``debug``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad dtype/shape/device/layer/mode, or a sequence that holds no tokens.
+        """
+        layer = self._check_layer(layer)
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        rule = self.rule if rule is None else rule
+        if not isinstance(rule, AlignmentRule):
+            raise TypeError(f"rule: expected an AlignmentRule, got {type(rule).__name__}")
+        shape = (self.batch_size, self.num_query_heads, self.head_dim)
+        q_info = self._check_array("q", q, shape)
+        out_info = None
+        if out is not None:
+            out_info = self._check_array("out", out, shape)
+            if tuple(out_info.strides) != (shape[1] * shape[2], shape[2], 1):
+                raise ValueError("out: expected a contiguous array")
+        if self._lengths[layer].min() < 1:
+            empty = int(np.argmin(self._lengths[layer]))
+            raise ValueError(f"layer: sequence {empty} of layer {layer} holds no tokens; "
+                             f"append before attend")
+        return self._backend.attend(layer, q_info, out_info, mode, rule, stream, count, debug)
+
+    # ----------------------------------------------------------------- reading
+    def read(self, layer: int, sequence: int, tier: int = 16) -> tuple:
+        """Read one sequence back at ``tier`` bits (8, 12 or 16) to the host.
+
+        Returns
+        -------
+        (K, V) : float16 numpy [kv_heads, length, head_dim]; at tier 16 bit-identical to what
+        was appended.
+        """
+        layer = self._check_layer(layer)
+        if not 0 <= sequence < self.batch_size:
+            raise ValueError(f"sequence: {sequence} is out of range [0, {self.batch_size})")
+        if tier not in (8, 12, 16):
+            raise ValueError(f"tier: expected 8, 12 or 16, got {tier!r}")
+        planes = self._backend.host_planes(layer)
+        return reference.read_sequence(planes, self.block_table[sequence],
+                                       int(self._lengths[layer, sequence]), tier)
+
+    def plane(self, name: str, layer: int):
+        """Plane ``name`` of ``layer`` (uint8, shape of :meth:`PlaneLayout.plane_shape` without
+        the layer axis), zero-copy: a DLPack-exporting device array on CUDA
+        (``torch.from_dlpack(cache.plane("k_hi", 0))`` views the same memory), a numpy view on
+        the CPU."""
+        if name not in PLANE_NAMES:
+            raise ValueError(f"name: expected one of {PLANE_NAMES}, got {name!r}")
+        return self._backend.plane(name, self._check_layer(layer))
+
+    def k_hi(self, layer):
+        return self.plane("k_hi", layer)
+
+    def k_mid(self, layer):
+        return self.plane("k_mid", layer)
+
+    def k_lo(self, layer):
+        return self.plane("k_lo", layer)
+
+    def v_hi(self, layer):
+        return self.plane("v_hi", layer)
+
+    def v_mid(self, layer):
+        return self.plane("v_mid", layer)
+
+    def v_lo(self, layer):
+        return self.plane("v_lo", layer)
+
+    # ----------------------------------------------------------------- counters
+    def counters(self) -> dict:
+        """Bytes read per plane since the last :meth:`reset_counters`, counted by the kernel
+        (``count=True`` calls only), plus ``bits_per_value`` {k, v, total}."""
+        raw = self._backend.read_counters()
+        out = {n: int(c) for n, c in zip(COUNTER_NAMES, raw)}
+        out["bits_per_value"] = reference.bits_per_value(raw)
+        return out
+
+    def reset_counters(self) -> None:
+        self._backend.reset_counters()
+
+    def reset(self) -> None:
+        """Forget every token (lengths to zero); the planes are overwritten by later appends."""
+        self._backend.reset_lengths()
+        self._lengths[:] = 0
+
+    def close(self) -> None:
+        """Free the device buffers now (also done when the cache is collected)."""
+        self._backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"AlignedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+                f"query_heads={self.num_query_heads}, head_dim={self.head_dim}, "
+                f"batch={self.batch_size}, capacity={self.capacity}, backend={self.backend!r})")
+
+
+class NumpyBackend:
+    """The CPU backend: planes in numpy arrays, kernels from :mod:`akv_runtime.reference`."""
+
+    name = "numpy"
+    device_name = "CPU (numpy reference)"
+
+    def __init__(self, cache: AlignedKVCache):
+        self.cache = cache
+        self.planes = {n: np.zeros(cache.layout.plane_shape(n), np.uint8) for n in PLANE_NAMES}
+        self._counters = np.zeros(len(COUNTER_NAMES), np.int64)
+
+    def check_device(self, name, info):
+        if info.device != "cpu":
+            raise ValueError(f"{name}: the numpy backend takes host arrays, got a "
+                             f"{info.device} array")
+
+    def layer_planes(self, layer):
+        return {n: a[layer] for n, a in self.planes.items()}
+
+    host_planes = layer_planes
+
+    def append(self, layer, k_info, v_info, starts, stream):
+        reference.append_tokens(self.layer_planes(layer), self.cache.block_table, starts,
+                                to_numpy(k_info.obj), to_numpy(v_info.obj))
+
+    def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug):
+        cache = self.cache
+        result = reference.decode_attention(
+            self.layer_planes(layer), to_numpy(q_info.obj), cache.block_table,
+            cache._lengths[layer], mode, rule, keep_debug=debug)
+        if count:
+            self._counters += result.counters
+        if out_info is not None:
+            to_numpy(out_info.obj)[...] = result.output
+            output = out_info.obj
+        elif q_info.is_torch:
+            import torch
+            output = torch.from_numpy(result.output)
+        else:
+            output = result.output
+        if not debug:
+            return output
+        info = {"k_tiers": result.k_tiers, "v_tiers": result.v_tiers,
+                "scores": result.scores, "weights": result.weights,
+                "stats": result.stats, "o_est": result.o_est,
+                "counters": result.counter_dict()}
+        return output, info
+
+    def plane(self, name, layer):
+        return self.planes[name][layer]
+
+    def read_counters(self):
+        return self._counters.copy()
+
+    def reset_counters(self):
+        self._counters[:] = 0
+
+    def reset_lengths(self):
+        pass
+
+    def close(self):
+        pass
+
+
+__all__ = ["AlignedKVCache", "CPUFallbackWarning", "AlignmentRule", "SEED_RULE",
+           "cuda_unavailable_reason", "is_torch_tensor"]

@@ -1,0 +1,218 @@
+"""The CUDA backend of :class:`~akv_runtime.cache.AlignedKVCache`: buffers and launches.
+
+Owns the device buffers (planes of all layers, lengths, block table, the decode workspace and
+the byte counters, all sized at creation so the decode step allocates nothing) and launches
+the kernels of ``cuda/akv.cu`` on the caller's stream. Grid and block shapes mirror the
+header comment of each kernel. Argument checks happen in :mod:`akv_runtime.cache` before any
+call reaches this module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import driver
+from .driver import f32, i32, ptr
+from .layout import (BLOCK_TOKENS, COUNTER_NAMES, PLANE_NAMES, Workspace, blocks_for)
+from .memory import DeviceArray, allocate_arrays
+
+SCORE_THREADS = 128
+ESTIMATE_THREADS = 256
+VALUE_THREADS = 128
+ADVANCE_THREADS = 128
+
+
+def resolve_stream(stream, info) -> int:
+    """The stream to launch on: the caller's, else torch's current stream for torch
+    tensors, else the legacy default stream (0)."""
+    if stream is not None:
+        handle = getattr(stream, "cuda_stream", stream)  # a torch.cuda.Stream works too
+        return int(handle)
+    if info.is_torch:
+        import torch
+        return int(torch.cuda.current_stream(info.obj.device).cuda_stream)
+    return 0
+
+
+class CudaBackend:
+    """Device buffers and kernel launches for one cache (see module docstring)."""
+
+    name = "cuda"
+
+    def __init__(self, cache, device_id: int = 0):
+        self.cache = cache
+        self.dev = driver.get_device(device_id)
+        self.module = driver.load_module(self.dev)
+        self.device_name = (f"{self.dev.name} (compute capability "
+                            f"{self.dev.compute_capability[0]}.{self.dev.compute_capability[1]}, "
+                            f"cubin {self.module.arch})")
+        D = cache.head_dim
+        fn = self.module.function
+        self.k_append = fn("akv_append")
+        self.k_advance = fn("akv_advance")
+        self.k_scores = fn(f"akv_decode_scores_d{D}")
+        self.k_estimate = fn("akv_decode_estimate")
+        self.k_values = fn(f"akv_decode_values_d{D}")
+        self.k_combine = fn("akv_decode_combine")
+
+        layout = cache.layout
+        self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}
+        self._plane_buffer, self.planes = allocate_arrays(
+            self.dev, {n: (layout.plane_shape(n), np.uint8) for n in PLANE_NAMES})
+        specs = dict(Workspace(cache.batch_size, cache.num_query_heads, D,
+                               cache.blocks_per_sequence).shapes())
+        specs["lengths"] = ((cache.num_layers, cache.batch_size), np.int32)
+        specs["block_table"] = (cache.block_table.shape, np.int32)
+        specs["counters"] = ((len(COUNTER_NAMES),), np.uint64)
+        self._ws_buffer, self.ws = allocate_arrays(self.dev, specs)
+        driver.copy_to_device(self.ws["block_table"].ptr, cache.block_table)
+        self._debug_buffer = None
+        self._debug = None
+
+    # ------------------------------------------------------------------ helpers
+    def check_device(self, name, info):
+        if info.device != "cuda":
+            raise ValueError(f"{name}: the cuda backend takes device arrays (torch CUDA "
+                             f"tensors or DLPack CUDA arrays), got a {info.device} array")
+        if info.device_id != self.dev.ordinal:
+            raise ValueError(f"{name}: on CUDA device {info.device_id}, the cache is on "
+                             f"device {self.dev.ordinal}")
+        if info.strides[-1] != 1:
+            raise ValueError(f"{name}: the channel (last) axis must be contiguous, stride "
+                             f"{info.strides[-1]}")
+        if info.ptr % 4:
+            raise ValueError(f"{name}: the data pointer must be 4-byte aligned")
+
+    def _plane_ptr(self, name, layer):
+        return self.planes[name].ptr + layer * self.layer_nbytes[name]
+
+    def _lengths_ptr(self, layer):
+        return self.ws["lengths"].ptr + layer * self.cache.batch_size * 4
+
+    # ------------------------------------------------------------------ append
+    def append(self, layer, k_info, v_info, starts, stream):
+        cache = self.cache
+        s = resolve_stream(stream, k_info)
+        B, Hk, S, D = k_info.shape
+        p = lambda n: ptr(self._plane_ptr(n, layer))  # noqa: E731
+        args = [ptr(k_info.ptr), ptr(v_info.ptr),
+                *(ctypes_i64(x) for x in k_info.strides[:3]),
+                *(ctypes_i64(x) for x in v_info.strides[:3]),
+                i32(S), ptr(self._lengths_ptr(layer)), ptr(self.ws["block_table"].ptr),
+                i32(cache.blocks_per_sequence),
+                p("k_hi"), p("k_mid"), p("k_lo"), p("v_hi"), p("v_mid"), p("v_lo"),
+                p("k_exp_max"), p("v_exp_max"), i32(Hk), i32(D)]
+        driver.launch(self.k_append, (blocks_for(S) + 1, Hk, B), (D,), args, s)
+        driver.launch(self.k_advance, (-(-B // ADVANCE_THREADS),), (ADVANCE_THREADS,),
+                      [ptr(self._lengths_ptr(layer)), i32(B), i32(S)], s)
+
+    # ------------------------------------------------------------------ attend
+    def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug):
+        cache = self.cache
+        s = resolve_stream(stream, q_info)
+        B, Hq, D = q_info.shape
+        Hk, G, bps = cache.num_kv_heads, Hq // cache.num_kv_heads, cache.blocks_per_sequence
+        nblk = blocks_for(int(cache._lengths[layer].max()))
+        if out_info is None:
+            out_obj, out_ptr = self._new_output(q_info)
+        else:
+            out_obj, out_ptr = out_info.obj, out_info.ptr
+        counters = self.ws["counters"].ptr if count else 0
+        k_map = v_map = 0
+        if debug:
+            k_map, v_map = self._debug_maps(s)
+        full = 1 if mode == "full" else 0
+        ws = self.ws
+        lengths = ptr(self._lengths_ptr(layer))
+        table = ptr(ws["block_table"].ptr)
+        p = lambda n: ptr(self._plane_ptr(n, layer))  # noqa: E731
+        driver.launch(self.k_scores, (nblk, Hk, B), (SCORE_THREADS,), [
+            ptr(q_info.ptr), ctypes_i64(q_info.strides[0]), ctypes_i64(q_info.strides[1]),
+            lengths, table, i32(bps), p("k_hi"), p("k_mid"), p("k_lo"), p("k_exp_max"),
+            i32(Hk), i32(G), f32(1.0 / np.sqrt(D)), i32(full),
+            i32(rule.k_thresholds[0]), i32(rule.k_thresholds[1]),
+            ptr(ws["scores"].ptr), ptr(ws["block_max"].ptr), ptr(ws["block_sum"].ptr),
+            ptr(ws["block_arg"].ptr), ptr(counters), ptr(k_map)], s)
+        driver.launch(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,), [
+            lengths, table, i32(bps), p("v_hi"), i32(Hk), i32(G), i32(D), i32(rule.topk),
+            ptr(ws["block_max"].ptr), ptr(ws["block_sum"].ptr), ptr(ws["block_arg"].ptr),
+            ptr(ws["stats"].ptr), ptr(ws["o_est"].ptr), ptr(counters)], s)
+        driver.launch(self.k_values, (nblk, Hk, B), (VALUE_THREADS,), [
+            lengths, table, i32(bps), p("v_hi"), p("v_mid"), p("v_lo"), p("v_exp_max"),
+            i32(Hk), i32(G), i32(full), i32(rule.v_thresholds[0]), i32(rule.v_thresholds[1]),
+            i32(rule.v_bias), ptr(ws["scores"].ptr), ptr(ws["stats"].ptr),
+            ptr(ws["o_est"].ptr), ptr(ws["partial"].ptr), ptr(counters), ptr(v_map)], s)
+        driver.launch(self.k_combine, (Hq, B), (D,), [
+            lengths, i32(bps), i32(Hq), i32(D), ptr(ws["partial"].ptr), ptr(out_ptr)], s)
+        if not debug:
+            return out_obj
+        return out_obj, self._debug_info(layer, s)
+
+    def _new_output(self, q_info):
+        if q_info.is_torch:
+            import torch
+            out = torch.empty(q_info.shape, dtype=torch.float16, device=q_info.obj.device)
+            return out, out.data_ptr()
+        buffer, arrays = allocate_arrays(self.dev, {"out": (q_info.shape, np.float16)})
+        return arrays["out"], arrays["out"].ptr
+
+    def _debug_maps(self, stream):
+        cache = self.cache
+        if self._debug is None:
+            B, Hk, bps, D = (cache.batch_size, cache.num_kv_heads, cache.blocks_per_sequence,
+                             cache.head_dim)
+            self._debug_buffer, self._debug = allocate_arrays(self.dev, {
+                "k_tiers": ((B, Hk, bps, D), np.uint8),
+                "v_tiers": ((B, Hk, bps * BLOCK_TOKENS), np.uint8)})
+        for arr in self._debug.values():
+            driver.memset8(arr.ptr, 0, arr.nbytes, stream)
+        return self._debug["k_tiers"].ptr, self._debug["v_tiers"].ptr
+
+    def _debug_info(self, layer, stream):
+        driver.synchronize(stream)
+        lengths = self.cache._lengths[layer]
+        k_map = self._debug["k_tiers"].to_numpy(stream)
+        v_map = self._debug["v_tiers"].to_numpy(stream)
+        scores = self.ws["scores"].to_numpy(stream)
+        info = {"k_tiers": [], "v_tiers": [], "scores": [],
+                "stats": self.ws["stats"].to_numpy(stream),
+                "o_est": self.ws["o_est"].to_numpy(stream),
+                "counters": dict(zip(COUNTER_NAMES, self.read_counters().tolist()))}
+        for b, n in enumerate(lengths):
+            n = int(n)
+            info["k_tiers"].append(k_map[b, :, :blocks_for(n)])
+            info["v_tiers"].append(v_map[b, :, :n])
+            info["scores"].append(scores[b, :, :n])
+        return info
+
+    # ------------------------------------------------------------------ views
+    def plane(self, name, layer):
+        shape = self.cache.layout.plane_shape(name)[1:]
+        base = self.planes[name]
+        return DeviceArray(base.owner, base.offset + layer * self.layer_nbytes[name], shape,
+                           np.uint8)
+
+    def host_planes(self, layer):
+        return {n: self.plane(n, layer).to_numpy() for n in PLANE_NAMES}
+
+    def read_counters(self):
+        return self.ws["counters"].to_numpy().astype(np.int64)
+
+    def reset_counters(self):
+        driver.memset8(self.ws["counters"].ptr, 0, self.ws["counters"].nbytes)
+        driver.synchronize()
+
+    def reset_lengths(self):
+        driver.synchronize()
+        driver.memset8(self.ws["lengths"].ptr, 0, self.ws["lengths"].nbytes)
+        driver.synchronize()
+
+    def close(self):
+        for buf in (self._plane_buffer, self._ws_buffer, self._debug_buffer):
+            if buf is not None:
+                buf.close()
+
+
+def ctypes_i64(value):
+    import ctypes
+    return ctypes.c_int64(int(value))

@@ -1,0 +1,121 @@
+"""Device allocations owned by the runtime, exported zero-copy through DLPack.
+
+:class:`DeviceBuffer` owns one ``cuMemAlloc`` allocation and frees it on :meth:`close` or
+collection (never raising from ``__del__``). :class:`DeviceArray` is a typed, shaped view of
+part of a buffer; its ``__dlpack__``/``__dlpack_device__`` are cuda.core's
+(:class:`cuda.core.utils.StridedMemoryView` over a non-owning :class:`cuda.core.Buffer`
+that keeps the owner alive), so ``torch.from_dlpack(array)`` or ``cupy.from_dlpack(array)``
+views the same memory with the right dtype and shape (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import driver
+
+
+class DeviceBuffer:
+    """``nbytes`` of device memory on ``device`` (a :class:`driver.Device`), zero-filled."""
+
+    def __init__(self, device, nbytes: int, zero: bool = True):
+        self.device = device
+        self.nbytes = int(nbytes)
+        self.ptr = driver.mem_alloc(self.nbytes)
+        if zero:
+            driver.memset8(self.ptr, 0, self.nbytes)
+            driver.synchronize()
+
+    def close(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            try:
+                driver.mem_free(ptr)
+            except Exception:  # noqa: BLE001 - at shutdown the context may be gone
+                pass
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from __del__
+            pass
+
+
+class DeviceArray:
+    """A shaped, typed view of device memory, exported through DLPack.
+
+    Parameters
+    ----------
+    owner : DeviceBuffer
+        Keeps the memory alive as long as this array or any DLPack consumer of it lives.
+    offset : int
+        Bytes from the start of ``owner``.
+    shape : tuple of int
+    dtype : numpy dtype
+        C-contiguous layout.
+    """
+
+    def __init__(self, owner: DeviceBuffer, offset: int, shape, dtype):
+        self.owner = owner
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        if offset < 0 or offset + self.nbytes > owner.nbytes:
+            raise ValueError("DeviceArray: view outside its buffer")
+        self.offset = int(offset)
+
+    @property
+    def ptr(self) -> int:
+        return self.owner.ptr + self.offset
+
+    @property
+    def device_id(self) -> int:
+        return self.owner.device.ordinal
+
+    def _view(self):
+        from cuda.core import Buffer
+        from cuda.core.utils import StridedMemoryView
+        buffer = Buffer.from_handle(self.ptr, self.nbytes, owner=self)
+        return StridedMemoryView.from_buffer(buffer, self.shape, dtype=self.dtype)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """Export through DLPack (cuda.core's producer). The runtime's writes are ordered on
+        the stream they were launched on; a consumer passing ``stream`` must order itself
+        after that work (the runtime launches on the caller's stream, so a caller using one
+        stream needs nothing more)."""
+        return self._view().__dlpack__(stream=stream, max_version=max_version,
+                                       dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self):
+        return (2, self.device_id)  # kDLCUDA
+
+    def to_numpy(self, stream: int = 0) -> np.ndarray:
+        """Copy to the host after ``stream``'s work (tests and debug read-backs)."""
+        host = np.empty(self.shape, self.dtype)
+        driver.copy_to_host(host, self.ptr, stream)
+        return host
+
+    def __repr__(self):
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, ptr={self.ptr:#x})"
+
+
+def allocate_arrays(device, specs: dict, alignment: int = 256) -> tuple:
+    """Allocate one buffer holding several arrays.
+
+    Parameters
+    ----------
+    specs : dict name → (shape, dtype)
+
+    Returns
+    -------
+    (DeviceBuffer, dict name → DeviceArray), every array aligned to ``alignment`` bytes.
+    """
+    offsets, total = {}, 0
+    for name, (shape, dtype) in specs.items():
+        total = -(-total // alignment) * alignment
+        offsets[name] = total
+        total += int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buffer = DeviceBuffer(device, total)
+    arrays = {name: DeviceArray(buffer, offsets[name], shape, dtype)
+              for name, (shape, dtype) in specs.items()}
+    return buffer, arrays

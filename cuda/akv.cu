@@ -1,0 +1,562 @@
+// akv kernels: append into bit planes, and split-KV precision-aligned decode attention.
+//
+// Layout (akv_runtime/layout.py, DESIGN.md section 3), per layer, T = 64 tokens per block:
+//   k_hi [blocks, Hk, D, T]   k_mid/k_lo [blocks, Hk, D, T/2]   (token 2p low nibble of byte p)
+//   v_hi [blocks, Hk, T, D]   v_mid/v_lo [blocks, Hk, T, D/2]   (channel 2c low nibble of c)
+//   k_exp_max / v_exp_max [blocks, Hk, D]                        (uint8 fp16 exponent fields)
+// Sequence b's logical block j lives in physical block block_table[b * blocks_per_seq + j].
+//
+// Decode attention (DESIGN.md sections 4-5) is four launches on the caller's stream:
+//   akv_decode_scores_d{64,128}   K planes at their tiers -> fp32 scores, per-block stats
+//   akv_decode_estimate           global max/sum, top-k V output estimate O_est
+//   akv_decode_values_d{64,128}   V tiers per token, per-block partial outputs (normalised)
+//   akv_decode_combine            sum of the partials -> fp16 output
+// Each has its numpy twin in akv_runtime/reference.py (decode_attention).
+#include "akv_planes.cuh"
+
+// ----------------------------------------------------------------------------- append
+// akv_append: write `num_new` new tokens of every sequence into the planes of one layer.
+// grid (touched blocks per sequence = ceil(num_new/64) + 1, Hk, B); block (D) threads.
+// CTA (j, h, b) owns logical block first_block(b) + j of KV head h, so every byte it writes
+// (including nibble bytes shared by two tokens) is written by exactly one thread.
+// Thread d: K channel d (hi bytes, nibble pairs, exponent max); V channel d (hi byte,
+// exponent max) and, for d < D/2, V nibble byte d of every new token.
+// Inputs k, v: fp16 [B, Hk, S, D] with element strides (sb, sh, ss) and d contiguous.
+// lengths[b]: tokens before this append (the runtime advances it afterwards, akv_advance).
+extern "C" __global__ void akv_append(
+    const __half* __restrict__ k, const __half* __restrict__ v,
+    long long k_sb, long long k_sh, long long k_ss, long long v_sb, long long v_sh,
+    long long v_ss, int num_new, const int* __restrict__ lengths,
+    const int* __restrict__ block_table, int blocks_per_seq, uint8_t* __restrict__ k_hi,
+    uint8_t* __restrict__ k_mid, uint8_t* __restrict__ k_lo, uint8_t* __restrict__ v_hi,
+    uint8_t* __restrict__ v_mid, uint8_t* __restrict__ v_lo, uint8_t* __restrict__ k_exp,
+    uint8_t* __restrict__ v_exp, int num_kv_heads, int head_dim) {
+  const int b = blockIdx.z, h = blockIdx.y, d = threadIdx.x, D = head_dim;
+  const int start = lengths[b];
+  const int blk = start / AKV_BLOCK_TOKENS + blockIdx.x;
+  const int lo_tok = max(start, blk * AKV_BLOCK_TOKENS);
+  const int hi_tok = min(start + num_new, (blk + 1) * AKV_BLOCK_TOKENS);
+  if (lo_tok >= hi_tok || d >= D) return;
+  const int phys = block_table[(long long)b * blocks_per_seq + blk];
+  const long long head = (long long)phys * num_kv_heads + h;
+  const int off0 = lo_tok - blk * AKV_BLOCK_TOKENS, off1 = hi_tok - blk * AKV_BLOCK_TOKENS;
+  const unsigned short* kb = reinterpret_cast<const unsigned short*>(k) + b * k_sb + h * k_sh;
+  const unsigned short* vb = reinterpret_cast<const unsigned short*>(v) + b * v_sb + h * v_sh;
+
+  // K, channel d: hi bytes and exponent max
+  uint8_t* khi = k_hi + (head * D + d) * AKV_BLOCK_TOKENS;
+  int emax = 0;
+  for (int off = off0; off < off1; ++off) {
+    const uint32_t bits = kb[(long long)(blk * AKV_BLOCK_TOKENS + off - start) * k_ss + d];
+    khi[off] = bits >> 8;
+    emax = max(emax, akv_exp_field_hi(bits >> 8));
+  }
+  uint8_t* kexp = k_exp + head * D + d;
+  *kexp = (uint8_t)max(off0 == 0 ? 0 : (int)*kexp, emax);
+  // K nibble bytes: token pair (2p, 2p+1); keep the neighbour's nibble when it is not new
+  uint8_t* kmid = k_mid + (head * D + d) * (AKV_BLOCK_TOKENS / 2);
+  uint8_t* klo = k_lo + (head * D + d) * (AKV_BLOCK_TOKENS / 2);
+  for (int p = off0 / 2; p <= (off1 - 1) / 2; ++p) {
+    uint32_t mid = kmid[p], lo = klo[p];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int off = 2 * p + half;
+      if (off < off0 || off >= off1) continue;
+      const uint32_t bits = kb[(long long)(blk * AKV_BLOCK_TOKENS + off - start) * k_ss + d];
+      const int shift = 4 * half;
+      mid = (mid & ~(0xFu << shift)) | (((bits >> 4) & 0xF) << shift);
+      lo = (lo & ~(0xFu << shift)) | ((bits & 0xF) << shift);
+    }
+    kmid[p] = mid;
+    klo[p] = lo;
+  }
+
+  // V, channel d: hi bytes and exponent max; channel pair d (< D/2): nibble bytes
+  uint8_t* vhi = v_hi + head * AKV_BLOCK_TOKENS * D;
+  uint8_t* vmid = v_mid + head * AKV_BLOCK_TOKENS * (D / 2);
+  uint8_t* vlo = v_lo + head * AKV_BLOCK_TOKENS * (D / 2);
+  emax = 0;
+  for (int off = off0; off < off1; ++off) {
+    const unsigned short* row = vb + (long long)(blk * AKV_BLOCK_TOKENS + off - start) * v_ss;
+    const uint32_t bits = row[d];
+    vhi[off * D + d] = bits >> 8;
+    emax = max(emax, akv_exp_field_hi(bits >> 8));
+    if (d < D / 2) {
+      const uint32_t e = row[2 * d], o = row[2 * d + 1];
+      vmid[off * (D / 2) + d] = ((e >> 4) & 0xF) | (((o >> 4) & 0xF) << 4);
+      vlo[off * (D / 2) + d] = (e & 0xF) | ((o & 0xF) << 4);
+    }
+  }
+  uint8_t* vexp = v_exp + head * D + d;
+  *vexp = (uint8_t)max(off0 == 0 ? 0 : (int)*vexp, emax);
+}
+
+// akv_advance: lengths[b] += num_new, after akv_append on the same stream.
+extern "C" __global__ void akv_advance(int* __restrict__ lengths, int batch, int num_new) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b < batch) lengths[b] += num_new;
+}
+
+// ---------------------------------------------------------------------- decode: scores
+// akv_decode_scores<D>: grid (max blocks over the batch, Hk, B); block 128 threads.
+// CTA (j, h, b) serves the G query heads of KV head h (one GQA group) on logical block j, so
+// K bytes are read once per group. Steps:
+//  1. q of the group -> shared memory (fp32) with exponent fields E(q).
+//  2. K tiers per channel i (reference.k_tiers): a_gi = E(q_gi) + k_exp_max[i],
+//     gap = max_i a_gi - a_gi, tier by thresholds, max over the group; exponent 31 -> 16.
+//  3. Thread (tq = tid % 16, cg = tid / 16): tokens 4tq..4tq+3 of channels cg*D/8 ...; reads
+//     4 hi bytes + 2 mid + 2 lo bytes per channel as its tier asks; fp32 partial dots.
+//  4. Partial dots summed over the 8 channel groups in order; scores * scale -> scores[].
+//  5. Per query head: block max, arg max (lowest token) and sum exp(s - max).
+constexpr int kScoreThreads = 128;
+
+template <int D>
+__device__ __forceinline__ void decode_scores(
+    const __half* __restrict__ q, long long q_sb, long long q_sh,
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ k_hi, const uint8_t* __restrict__ k_mid,
+    const uint8_t* __restrict__ k_lo, const uint8_t* __restrict__ k_exp, int num_kv_heads,
+    int group, float scale, int full_mode, int t8, int t12, float* __restrict__ scores,
+    float* __restrict__ block_max, float* __restrict__ block_sum, int* __restrict__ block_arg,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map) {
+  constexpr int T = AKV_BLOCK_TOKENS, CG = 8, CPG = D / CG;
+  __shared__ float s_q[AKV_MAX_GROUP][D];
+  __shared__ int s_a[AKV_MAX_GROUP][D];
+  __shared__ int s_amax[AKV_MAX_GROUP];
+  __shared__ int s_tier[D];
+  __shared__ float s_red[CG][AKV_MAX_GROUP][T];
+  __shared__ float s_score[AKV_MAX_GROUP][T];
+
+  const int b = blockIdx.z, h = blockIdx.y, blk = blockIdx.x, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  if (blk * T >= n) return;
+  const int phys = block_table[(long long)b * blocks_per_seq + blk];
+  const long long head = (long long)phys * num_kv_heads + h;
+  const uint8_t* kexp = k_exp + head * D;
+  const int num_q_heads = num_kv_heads * group;
+
+  // 1-2. q and the K tiers of this block
+  for (int i = tid; i < D; i += kScoreThreads) {
+    const int ek = kexp[i];
+    for (int g = 0; g < group; ++g) {
+      const __half qh = q[b * q_sb + (long long)(h * group + g) * q_sh + i];
+      s_q[g][i] = __half2float(qh);
+      const int eq = max((__half_as_ushort(qh) >> 10) & 0x1F, 1);
+      s_a[g][i] = eq + ek;
+    }
+  }
+  __syncthreads();
+  for (int g = warp; g < group; g += kScoreThreads / 32) {
+    int m = 0;
+    for (int i = lane; i < D; i += 32) m = max(m, s_a[g][i]);
+    m = akv_warp_max_int(m);
+    if (lane == 0) s_amax[g] = m;
+  }
+  __syncthreads();
+  for (int i = tid; i < D; i += kScoreThreads) {
+    int tier = 8;
+    if (full_mode || kexp[i] == AKV_SPECIAL_EXPONENT) {
+      tier = 16;
+    } else {
+      for (int g = 0; g < group; ++g)
+        tier = max(tier, akv_tier_from_gap(s_amax[g] - s_a[g][i], t8, t12));
+    }
+    s_tier[i] = tier;
+    if (k_tier_map)
+      k_tier_map[(((long long)b * num_kv_heads + h) * blocks_per_seq + blk) * D + i] = tier;
+  }
+  __syncthreads();
+  if (counters && warp == 0) {
+    int n12 = 0, n16 = 0;
+    for (int i = lane; i < D; i += 32) {
+      n12 += s_tier[i] >= 12;
+      n16 += s_tier[i] >= 16;
+    }
+    n12 = akv_warp_sum_int(n12);
+    n16 = akv_warp_sum_int(n16);
+    if (lane == 0) {
+      atomicAdd(&counters[AKV_K_HI], (unsigned long long)(T * D));
+      atomicAdd(&counters[AKV_K_MID], (unsigned long long)(T / 2 * n12));
+      atomicAdd(&counters[AKV_K_LO], (unsigned long long)(T / 2 * n16));
+      atomicAdd(&counters[AKV_METADATA], (unsigned long long)D);
+      atomicAdd(&counters[AKV_VALUES], (unsigned long long)(min(T, n - blk * T) * D));
+    }
+  }
+
+  // 3. partial dot products
+  const int tq = tid % 16, cg = tid / 16;
+  float acc[AKV_MAX_GROUP][4];
+#pragma unroll
+  for (int g = 0; g < AKV_MAX_GROUP; ++g)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc[g][k] = 0.f;
+#pragma unroll 4
+  for (int ii = 0; ii < CPG; ++ii) {
+    const int i = cg * CPG + ii;
+    const int tier = s_tier[i];
+    const long long row = head * D + i;
+    const uint32_t hi4 = *reinterpret_cast<const uint32_t*>(k_hi + row * T + 4 * tq);
+    uint32_t mid2 = 0, lo2 = 0;
+    if (tier >= 12)
+      mid2 = *reinterpret_cast<const unsigned short*>(k_mid + row * (T / 2) + 2 * tq);
+    if (tier >= 16)
+      lo2 = *reinterpret_cast<const unsigned short*>(k_lo + row * (T / 2) + 2 * tq);
+    float kv[4];
+    akv_join4(hi4, mid2, lo2, tier, kv);
+#pragma unroll
+    for (int g = 0; g < AKV_MAX_GROUP; ++g) {
+      if (g < group) {
+        const float qv = s_q[g][i];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[g][k] = fmaf(qv, kv[k], acc[g][k]);
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < AKV_MAX_GROUP; ++g)
+    if (g < group)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) s_red[cg][g][4 * tq + k] = acc[g][k];
+  __syncthreads();
+
+  // 4. reduce over channel groups, scale, store
+  for (int idx = tid; idx < group * T; idx += kScoreThreads) {
+    const int g = idx / T, t = idx % T;
+    float s = 0.f;
+#pragma unroll
+    for (int c = 0; c < CG; ++c) s += s_red[c][g][t];
+    s *= scale;
+    const int tok = blk * T + t;
+    const bool valid = tok < n;
+    s_score[g][t] = valid ? s : -INFINITY;
+    if (valid)
+      scores[((long long)b * num_q_heads + h * group + g) * ((long long)blocks_per_seq * T) + tok] = s;
+  }
+  __syncthreads();
+
+  // 5. per-head block statistics (one warp per head)
+  for (int g = warp; g < group; g += kScoreThreads / 32) {
+    const float s0 = s_score[g][lane], s1 = s_score[g][lane + 32];
+    const float m = akv_warp_max(fmaxf(s0, s1));
+    int arg = s0 == m ? lane : (s1 == m ? lane + 32 : T);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) arg = min(arg, __shfl_xor_sync(0xffffffffu, arg, o));
+    float e = (s0 == -INFINITY ? 0.f : expf(s0 - m)) + (s1 == -INFINITY ? 0.f : expf(s1 - m));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+    if (lane == 0) {
+      const long long at = ((long long)b * num_q_heads + h * group + g) * blocks_per_seq + blk;
+      block_max[at] = m;
+      block_sum[at] = e;
+      block_arg[at] = blk * T + (arg < T ? arg : 0);
+    }
+  }
+}
+
+#define AKV_SCORES_ENTRY(D)                                                                  \
+  extern "C" __global__ void __launch_bounds__(kScoreThreads) akv_decode_scores_d##D(       \
+      const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
+      const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
+      const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
+      int full_mode, int t8, int t12, float* scores, float* block_max, float* block_sum,     \
+      int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) {                   \
+    decode_scores<D>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid, k_lo, \
+                     k_exp, num_kv_heads, group, scale, full_mode, t8, t12, scores,          \
+                     block_max, block_sum, block_arg, counters, k_tier_map);                 \
+  }
+AKV_SCORES_ENTRY(64)
+AKV_SCORES_ENTRY(128)
+
+// -------------------------------------------------------------------- decode: estimate
+// akv_decode_estimate: grid (Hq, B); block 256 threads. For one query head:
+//  1. m = max of the block maxima, l = sum_j block_sum_j * exp(block_max_j - m) (fixed order).
+//  2. The approximate top-k: the `topk` blocks with the largest block maximum (ties to the
+//     lower block), picked one per round in that order (reference.estimate_blocks).
+//  3. O_est[d] = sum over those blocks' arg-max tokens j of p_j * |v_jd at tier 8|,
+//     p_j = exp(s_j - m) / l; thread d reads the hi byte of channel d.
+constexpr int kEstimateThreads = 256;
+
+extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estimate(
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ v_hi, int num_kv_heads, int group, int head_dim, int topk,
+    const float* __restrict__ block_max, const float* __restrict__ block_sum,
+    const int* __restrict__ block_arg, float* __restrict__ stats, float* __restrict__ o_est,
+    unsigned long long* __restrict__ counters) {
+  __shared__ float s_fred[kEstimateThreads / 32];
+  __shared__ int s_ired[kEstimateThreads / 32];
+  __shared__ float s_m, s_l;
+  __shared__ int s_sel;
+  const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5, num_warps = kEstimateThreads / 32;
+  const int num_q_heads = num_kv_heads * group, D = head_dim;
+  const int nblk = (lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS;
+  const long long row = ((long long)b * num_q_heads + hq) * blocks_per_seq;
+  const float* bmax = block_max + row;
+
+  // 1. global max and sum
+  float m = -INFINITY;
+  for (int j = tid; j < nblk; j += kEstimateThreads) m = fmaxf(m, bmax[j]);
+  m = akv_warp_max(m);
+  if (lane == 0) s_fred[warp] = m;
+  __syncthreads();
+  if (tid == 0) {
+    float mm = s_fred[0];
+    for (int w = 1; w < num_warps; ++w) mm = fmaxf(mm, s_fred[w]);
+    s_m = mm;
+  }
+  __syncthreads();
+  m = s_m;
+  float l = 0.f;
+  for (int j = tid; j < nblk; j += kEstimateThreads) l += block_sum[row + j] * expf(bmax[j] - m);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+  __syncthreads();
+  if (lane == 0) s_fred[warp] = l;
+  __syncthreads();
+  if (tid == 0) {
+    float ll = 0.f;
+    for (int w = 0; w < num_warps; ++w) ll += s_fred[w];
+    s_l = ll;
+    stats[((long long)b * num_q_heads + hq) * 2 + 0] = m;
+    stats[((long long)b * num_q_heads + hq) * 2 + 1] = ll;
+  }
+  __syncthreads();
+  l = s_l;
+
+  // 2-3. top-k blocks by maximum, in order; accumulate the estimate
+  const int h = hq / group;
+  const int k = min(topk, nblk);
+  float prev_v = INFINITY;
+  int prev_j = -1;
+  float acc0 = 0.f;  // channel tid (D <= 256)
+  for (int r = 0; r < k; ++r) {
+    // best (value desc, index asc) strictly after (prev_v, prev_j) in that order
+    float best_v = -INFINITY;
+    int best_j = 0x7fffffff;
+    for (int j = tid; j < nblk; j += kEstimateThreads) {
+      const float vj = bmax[j];
+      const bool after = vj < prev_v || (vj == prev_v && j > prev_j);
+      if (after && (vj > best_v || (vj == best_v && j < best_j))) {
+        best_v = vj;
+        best_j = j;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best_v, o);
+      const int oj = __shfl_xor_sync(0xffffffffu, best_j, o);
+      if (ov > best_v || (ov == best_v && oj < best_j)) {
+        best_v = ov;
+        best_j = oj;
+      }
+    }
+    if (lane == 0) {
+      s_fred[warp] = best_v;
+      s_ired[warp] = best_j;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      float bv = s_fred[0];
+      int bj = s_ired[0];
+      for (int w = 1; w < num_warps; ++w)
+        if (s_fred[w] > bv || (s_fred[w] == bv && s_ired[w] < bj)) {
+          bv = s_fred[w];
+          bj = s_ired[w];
+        }
+      s_sel = bj;
+    }
+    __syncthreads();
+    const int j = s_sel;
+    prev_v = bmax[j];
+    prev_j = j;
+    const int tok = block_arg[row + j];
+    const float p = expf(prev_v - m) / l;
+    const int phys = block_table[(long long)b * blocks_per_seq + tok / AKV_BLOCK_TOKENS];
+    if (tid < D) {
+      const uint8_t* vrow =
+          v_hi + (((long long)phys * num_kv_heads + h) * AKV_BLOCK_TOKENS + tok % AKV_BLOCK_TOKENS) * D;
+      acc0 += p * fabsf(akv_bits_to_float(akv_join_bits(vrow[tid], 0, 0, 8)));
+    }
+    __syncthreads();
+  }
+  if (tid < D) o_est[((long long)b * num_q_heads + hq) * D + tid] = acc0;
+  if (counters && tid == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(k * D));
+}
+
+// ---------------------------------------------------------------------- decode: values
+// akv_decode_values<D>: grid (max blocks over the batch, Hk, B); block 128 threads.
+// CTA (j, h, b) serves the GQA group of KV head h on logical block j:
+//  1. r_g = min_d (e(O_est_gd) - e(v_exp_max_d)) + bias per query head g (reference.
+//     v_reference_exponent); a block whose V holds Inf/NaN is read at 16 bits.
+//  2. Thread t < 64: p_gt = exp(s_gt - m_g) / l_g; tier_t = max over g of
+//     tier(r_g - e(p_gt)) (reference.v_tiers); 0 marks a token past the sequence end.
+//  3. Thread (cq = tid % (D/4), tg = tid / (D/4)): channels 4cq..4cq+3 of tokens tg,
+//     tg + 128/(D/4), ...; reads 4 hi bytes + 2 mid + 2 lo bytes per token as its tier asks.
+//  4. Partials summed over token groups in order -> partial[b, hq, j, :] (fp32).
+constexpr int kValueThreads = 128;
+
+template <int D>
+__device__ __forceinline__ void decode_values(
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
+    const uint8_t* __restrict__ v_lo, const uint8_t* __restrict__ v_exp, int num_kv_heads,
+    int group, int full_mode, int t8, int t12, int bias, const float* __restrict__ scores,
+    const float* __restrict__ stats, const float* __restrict__ o_est,
+    float* __restrict__ partial, unsigned long long* __restrict__ counters,
+    uint8_t* __restrict__ v_tier_map) {
+  constexpr int T = AKV_BLOCK_TOKENS, CQ = D / 4, TG = kValueThreads / CQ;
+  __shared__ int s_rmin[AKV_MAX_GROUP][kValueThreads / 32];
+  __shared__ int s_r[AKV_MAX_GROUP];
+  __shared__ int s_special;
+  __shared__ float s_p[AKV_MAX_GROUP][T];
+  __shared__ int s_tier[T];
+  __shared__ float s_red[TG][AKV_MAX_GROUP][D];
+
+  const int b = blockIdx.z, h = blockIdx.y, blk = blockIdx.x, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  if (blk * T >= n) return;
+  const int phys = block_table[(long long)b * blocks_per_seq + blk];
+  const long long head = (long long)phys * num_kv_heads + h;
+  const int num_q_heads = num_kv_heads * group;
+  const uint8_t* vexp = v_exp + head * D;
+
+  // 1. reference exponent per query head
+  if (tid == 0) s_special = 0;
+  __syncthreads();
+  for (int g = 0; g < group; ++g) {
+    int r = 0x7fffffff;
+    for (int d = tid; d < D; d += kValueThreads) {
+      const int ev = vexp[d];
+      if (g == 0 && ev == AKV_SPECIAL_EXPONENT) s_special = 1;
+      const float oe = o_est[((long long)b * num_q_heads + h * group + g) * D + d];
+      r = min(r, akv_unbiased_exp32(oe) - ((ev < 1 ? 1 : ev) - 15));
+    }
+    r = akv_warp_min_int(r);
+    if (lane == 0) s_rmin[g][warp] = r;
+  }
+  __syncthreads();
+  if (tid < group) {
+    int r = s_rmin[tid][0];
+    for (int w = 1; w < kValueThreads / 32; ++w) r = min(r, s_rmin[tid][w]);
+    s_r[tid] = r + bias;
+  }
+  __syncthreads();
+
+  // 2. weights and V tiers per token
+  if (tid < T) {
+    const int tok = blk * T + tid;
+    const bool valid = tok < n;
+    int tier = 8;
+    for (int g = 0; g < group; ++g) {
+      const long long qrow = (long long)b * num_q_heads + h * group + g;
+      float p = 0.f;
+      if (valid) {
+        const float s = scores[qrow * ((long long)blocks_per_seq * T) + tok];
+        p = expf(s - stats[qrow * 2]) / stats[qrow * 2 + 1];
+      }
+      s_p[g][tid] = p;
+      tier = max(tier, akv_tier_from_gap(s_r[g] - akv_unbiased_exp32(p), t8, t12));
+    }
+    if (full_mode || s_special) tier = 16;
+    s_tier[tid] = valid ? tier : 0;
+    if (v_tier_map && valid)
+      v_tier_map[((long long)b * num_kv_heads + h) * ((long long)blocks_per_seq * T) + tok] = tier;
+  }
+  __syncthreads();
+  if (counters && warp < 2) {
+    const int t = tid;  // warps 0-1 cover the 64 tokens
+    const int tier = s_tier[t];
+    int n8 = akv_warp_sum_int(tier > 0), n12 = akv_warp_sum_int(tier >= 12),
+        n16 = akv_warp_sum_int(tier >= 16);
+    if (lane == 0) {
+      atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
+      atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
+      atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
+      if (warp == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)D);
+    }
+  }
+
+  // 3. accumulate p * v over this thread's tokens
+  const int cq = tid % CQ, tg = tid / CQ;
+  float acc[AKV_MAX_GROUP][4];
+#pragma unroll
+  for (int g = 0; g < AKV_MAX_GROUP; ++g)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc[g][k] = 0.f;
+  const uint8_t* vhi = v_hi + head * T * D;
+  const uint8_t* vmid = v_mid + head * T * (D / 2);
+  const uint8_t* vlo = v_lo + head * T * (D / 2);
+#pragma unroll 4
+  for (int t = tg; t < T; t += TG) {
+    const int tier = s_tier[t];
+    if (tier == 0) continue;
+    const uint32_t hi4 = *reinterpret_cast<const uint32_t*>(vhi + t * D + 4 * cq);
+    uint32_t mid2 = 0, lo2 = 0;
+    if (tier >= 12) mid2 = *reinterpret_cast<const unsigned short*>(vmid + t * (D / 2) + 2 * cq);
+    if (tier >= 16) lo2 = *reinterpret_cast<const unsigned short*>(vlo + t * (D / 2) + 2 * cq);
+    float vv[4];
+    akv_join4(hi4, mid2, lo2, tier, vv);
+#pragma unroll
+    for (int g = 0; g < AKV_MAX_GROUP; ++g) {
+      if (g < group) {
+        const float p = s_p[g][t];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[g][k] = fmaf(p, vv[k], acc[g][k]);
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < AKV_MAX_GROUP; ++g)
+    if (g < group)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) s_red[tg][g][4 * cq + k] = acc[g][k];
+  __syncthreads();
+
+  // 4. reduce over token groups in order
+  for (int idx = tid; idx < group * D; idx += kValueThreads) {
+    const int g = idx / D, d = idx % D;
+    float o = 0.f;
+#pragma unroll
+    for (int c = 0; c < TG; ++c) o += s_red[c][g][d];
+    partial[(((long long)b * num_q_heads + h * group + g) * blocks_per_seq + blk) * D + d] = o;
+  }
+}
+
+#define AKV_VALUES_ENTRY(D)                                                                  \
+  extern "C" __global__ void __launch_bounds__(kValueThreads) akv_decode_values_d##D(       \
+      const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
+      const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
+      int group, int full_mode, int t8, int t12, int bias, const float* scores,              \
+      const float* stats, const float* o_est, float* partial, unsigned long long* counters,  \
+      uint8_t* v_tier_map) {                                                                 \
+    decode_values<D>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,         \
+                     num_kv_heads, group, full_mode, t8, t12, bias, scores, stats, o_est,    \
+                     partial, counters, v_tier_map);                                         \
+  }
+AKV_VALUES_ENTRY(64)
+AKV_VALUES_ENTRY(128)
+
+// --------------------------------------------------------------------- decode: combine
+// akv_decode_combine: grid (Hq, B); block D threads. out[b, hq, d] = fp16(sum over the
+// sequence's blocks of partial[b, hq, j, d]), four running sums in a fixed order.
+extern "C" __global__ void akv_decode_combine(const int* __restrict__ lengths,
+                                              int blocks_per_seq, int num_q_heads,
+                                              int head_dim, const float* __restrict__ partial,
+                                              __half* __restrict__ out) {
+  const int hq = blockIdx.x, b = blockIdx.y, d = threadIdx.x, D = head_dim;
+  if (d >= D) return;
+  const int nblk = (lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS;
+  const float* p = partial + ((long long)b * num_q_heads + hq) * blocks_per_seq * D + d;
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  int j = 0;
+  for (; j + 4 <= nblk; j += 4) {
+    a0 += p[(long long)j * D];
+    a1 += p[(long long)(j + 1) * D];
+    a2 += p[(long long)(j + 2) * D];
+    a3 += p[(long long)(j + 3) * D];
+  }
+  for (; j < nblk; ++j) a0 += p[(long long)j * D];
+  out[((long long)b * num_q_heads + hq) * D + d] = __float2half_rn((a0 + a1) + (a2 + a3));
+}

@@ -1,0 +1,92 @@
+// Bit-plane helpers shared by the akv kernels (DESIGN.md section 3).
+//
+// fp16 bits b15..b0 are stored as three planes: hi = b15..b8 (a byte), mid = b7..b4 and
+// lo = b3..b0 (nibbles, two values per byte, the even one in the low nibble). A tier is the
+// number of high bits read: 8 (hi), 12 (hi+mid) or 16 (all). Dropped bits are refilled with
+// the midpoint pattern (0x80 at tier 8, 0x8 at tier 12); a value whose exponent field is all
+// ones (Inf/NaN) is refilled with zeros so that Inf stays Inf.
+// The numpy twins are akv_runtime/reference.py: join_planes, exponent_field16,
+// unbiased_exponent32, tier_from_gap.
+#pragma once
+#include <cstdint>
+#include <cuda_fp16.h>
+
+#define AKV_BLOCK_TOKENS 64
+#define AKV_MAX_GROUP 8
+#define AKV_SPECIAL_EXPONENT 31
+
+// Counter slots (akv_runtime/layout.py COUNTER_NAMES).
+enum AkvCounter {
+  AKV_K_HI = 0, AKV_K_MID, AKV_K_LO, AKV_V_HI, AKV_V_MID, AKV_V_LO, AKV_METADATA, AKV_VALUES,
+  AKV_NUM_COUNTERS
+};
+
+// Biased fp16 exponent field read from the hi byte; subnormal and zero count as 1.
+__device__ __forceinline__ int akv_exp_field_hi(uint32_t hi) {
+  int e = (hi >> 2) & 0x1F;
+  return e < 1 ? 1 : e;
+}
+
+// floor(log2|x|) of a float32 from its exponent field (subnormal and zero give -126).
+__device__ __forceinline__ int akv_unbiased_exp32(float x) {
+  int e = (__float_as_uint(x) >> 23) & 0xFF;
+  return (e < 1 ? 1 : e) - 127;
+}
+
+__device__ __forceinline__ int akv_tier_from_gap(int gap, int t8, int t12) {
+  return gap >= t8 ? 8 : (gap >= t12 ? 12 : 16);
+}
+
+// fp16 bit pattern from planes read at `tier` (one value).
+__device__ __forceinline__ uint32_t akv_join_bits(uint32_t hi, uint32_t mid, uint32_t lo,
+                                                  int tier) {
+  const bool special = (hi & 0x7C) == 0x7C;
+  uint32_t bits = hi << 8;
+  if (tier >= 16) {
+    bits |= (mid << 4) | lo;
+  } else if (tier >= 12) {
+    bits |= (mid << 4) | (special ? 0u : 0x8u);
+  } else {
+    bits |= special ? 0u : 0x80u;
+  }
+  return bits;
+}
+
+__device__ __forceinline__ float akv_bits_to_float(uint32_t bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+
+// Four consecutive values sharing one tier: hi4 holds 4 hi bytes (value k in byte k),
+// mid2/lo2 hold 4 nibbles each (value k in bits 4k..4k+3).
+__device__ __forceinline__ void akv_join4(uint32_t hi4, uint32_t mid2, uint32_t lo2, int tier,
+                                          float out[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[k] = akv_bits_to_float(akv_join_bits((hi4 >> (8 * k)) & 0xFF, (mid2 >> (4 * k)) & 0xF,
+                                             (lo2 >> (4 * k)) & 0xF, tier));
+  }
+}
+
+__device__ __forceinline__ float akv_warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int akv_warp_max_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int akv_warp_min_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int akv_warp_sum_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}

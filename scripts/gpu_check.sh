@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call: build the cubins, run the GPU tests, run the benchmark, print a table.
+# Usage (on the GPU machine, from the repo root): bash scripts/gpu_check.sh [bench args...]
+# Writes logs and JSON under $OUT (default /tmp/akv_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/akv_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 AKV_REQUIRE_GPU=1
+status=0
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 - <<'PY'
+import importlib.metadata as md
+for p in ("torch", "cuda-python", "cuda-bindings", "cuda-core", "transformers", "numpy"):
+    try: print(f"{p} {md.version(p)}")
+    except Exception as e: print(f"{p} missing")
+PY
+echo "== build"
+python3 build.py --arch sm_90 -j 8 2>&1 | tee "$OUT/build.log" || status=1
+echo "== GPU tests"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests "${PYTEST_ARGS[@]:-}" 2>&1 | tee "$OUT/pytest.log" | tail -40
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo "== benchmark"
+  python3 -m akv_runtime.bench --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+exit $status

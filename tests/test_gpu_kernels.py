@@ -1,0 +1,247 @@
+"""GPU tests: the cubins against their numpy twins (skipped without a CUDA device)."""
+
+import numpy as np
+import pytest
+
+from akv_runtime import reference as R
+from akv_runtime.cache import AlignedKVCache
+from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+
+
+def kv_like(rng, B, Hk, S, D, outliers=True):
+    """K with per-channel magnitudes spread over binary orders (a few large channels, as
+    RoPE'd keys have), V with per-channel scales; fresh random values every call."""
+    k_scale = np.exp2(rng.uniform(-3, 1, (1, Hk, 1, D)))
+    if outliers:
+        k_scale[..., rng.choice(D, 3, replace=False)] *= 16
+    K = (rng.standard_normal((B, Hk, S, D)) * k_scale).astype(np.float16)
+    V = (rng.standard_normal((B, Hk, S, D)) * np.exp2(rng.uniform(-2, 0, (1, Hk, 1, D))))
+    return K, V.astype(np.float16)
+
+
+def make_pair(rng, L, Hk, Hq, D, B, max_len, paged=False):
+    bps = -(-max_len // BLOCK_TOKENS)
+    table = None
+    if paged:
+        table = rng.permutation(B * bps + 3)[:B * bps].reshape(B, bps).astype(np.int32)
+    kw = dict(num_query_heads=Hq, batch_size=B, block_table=table,
+              num_blocks=(B * bps + 3) if paged else None)
+    gpu = AlignedKVCache(L, Hk, D, max_len, backend="cuda", **kw)
+    cpu = AlignedKVCache(L, Hk, D, max_len, backend="numpy", **kw)
+    return gpu, cpu
+
+
+def append_both(gpu, cpu, layer, K, V):
+    gpu.append(layer, torch.from_numpy(K).cuda(), torch.from_numpy(V).cuda())
+    cpu.append(layer, K, V)
+
+
+@pytest.mark.parametrize("D,Hk,Hq,paged", [(64, 3, 9, False), (128, 2, 2, True),
+                                           (128, 8, 32, False), (64, 1, 8, True)])
+def test_append_planes_match_reference_bytes(rng, D, Hk, Hq, paged):
+    B, L = 2, 2
+    gpu, cpu = make_pair(rng, L, Hk, Hq, D, B, 700, paged)
+    # prefill of an odd length, single decode tokens across a block edge, then a chunk
+    for S in (61, 1, 1, 1, 3, 130, 1):
+        K, V = kv_like(rng, B, Hk, S, D)
+        append_both(gpu, cpu, 1, K, V)
+    torch.cuda.synchronize()
+    host = gpu._backend.host_planes(1)
+    ref = cpu._backend.layer_planes(1)
+    for name in PLANE_NAMES:
+        # only bytes of written tokens are defined; the reference starts from zeros like the
+        # GPU buffers, so whole planes must agree
+        assert np.array_equal(host[name], ref[name]), name
+    for b in range(B):
+        for tier in (8, 12, 16):
+            kg, vg = gpu.read(1, b, tier)
+            kc, vc = cpu.read(1, b, tier)
+            assert np.array_equal(kg.view(np.uint16), kc.view(np.uint16))
+            assert np.array_equal(vg.view(np.uint16), vc.view(np.uint16))
+    assert np.array_equal(gpu.lengths(), cpu.lengths())
+
+
+def test_strided_torch_input_is_read_in_place(rng):
+    """HF lays K out as [B, S, Hk, D].transpose(1, 2): non-contiguous, read without copy."""
+    B, Hk, D, S = 2, 4, 128, 100
+    gpu, cpu = make_pair(rng, 1, Hk, Hk, D, B, 256)
+    K, V = kv_like(rng, B, Hk, S, D)
+    kt = torch.from_numpy(np.ascontiguousarray(K.transpose(0, 2, 1, 3))).cuda().transpose(1, 2)
+    vt = torch.from_numpy(np.ascontiguousarray(V.transpose(0, 2, 1, 3))).cuda().transpose(1, 2)
+    assert not kt.is_contiguous()
+    gpu.append(0, kt, vt)
+    cpu.append(0, K, V)
+    for b in range(B):
+        kg, vg = gpu.read(0, b)
+        assert np.array_equal(kg.view(np.uint16), K[b].view(np.uint16))
+        assert np.array_equal(vg.view(np.uint16), V[b].view(np.uint16))
+
+
+def _fill(rng, gpu, cpu, B, Hk, D, lengths):
+    """Prefill sequences to (different) lengths by appending the common prefix, then
+    resetting is not possible per sequence, so all share the longest length here unless
+    lengths differ: we append max length to all (lengths must be equal)."""
+    K, V = kv_like(rng, B, Hk, lengths, D)
+    append_both(gpu, cpu, 0, K, V)
+    return K, V
+
+
+@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1000, False),
+                                                (64, 3, 9, 1, 2047, True),
+                                                (128, 2, 8, 3, 300, False),
+                                                (64, 2, 2, 2, 70, True)])
+def test_decode_full_matches_fp16_attention(rng, D, Hk, Hq, B, n, paged):
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged)
+    K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
+    q = rng.standard_normal((B, Hq, D)).astype(np.float16)
+    o = gpu.attend(0, torch.from_numpy(q).cuda(), mode="full").cpu().numpy()
+    o_ref = cpu.attend(0, q, mode="full")
+    for b in range(B):
+        exact = R.float64_attention(q[b], K[b], V[b])
+        err = R.relative_error(o[b], exact)
+        assert err < 1e-3, err                 # fp32 accumulation + fp16 output rounding
+        assert R.relative_error(o[b], o_ref[b]) < 1e-3
+        # torch SDPA on the same fp16 K/V (GQA by repeating KV heads)
+        Kt = torch.from_numpy(K[b]).cuda().repeat_interleave(Hq // Hk, 0)
+        Vt = torch.from_numpy(V[b]).cuda().repeat_interleave(Hq // Hk, 0)
+        qt = torch.from_numpy(q[b]).cuda()[:, None]
+        sdpa = torch.nn.functional.scaled_dot_product_attention(qt, Kt, Vt)[:, 0]
+        assert R.relative_error(o[b], sdpa.float().cpu().numpy()) < 2e-3
+
+
+@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1500, False),
+                                                (64, 3, 9, 2, 2100, True),
+                                                (128, 8, 32, 1, 700, False)])
+def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged):
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
+    K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
+    q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D)))).astype(np.float16)
+    gpu.reset_counters()
+    o, info = gpu.attend(0, torch.from_numpy(q).cuda(), mode="aligned", count=True, debug=True)
+    o = o.cpu().numpy()
+    ref = cpu.attend(0, q, mode="aligned", debug=True)[1]
+    planes = cpu._backend.layer_planes(0)
+    nblk = -(-n // BLOCK_TOKENS)
+    counted = np.zeros(8, np.int64)
+    for b in range(B):
+        blocks = cpu.block_table[b, :nblk]
+        # K tiers: an integer function of q and the exponent maxima -> exactly equal
+        kt_ref = R.k_tiers(q[b], planes["k_exp_max"][blocks])
+        assert np.array_equal(info["k_tiers"][b], kt_ref)
+        assert np.array_equal(info["k_tiers"][b], ref["k_tiers"][b])
+        # scores and softmax statistics agree to fp32 rounding
+        s_ref = ref["scores"][b]
+        assert np.allclose(info["scores"][b], s_ref, rtol=1e-5, atol=1e-5)
+        m, l = info["stats"][b, :, 0], info["stats"][b, :, 1]
+        assert np.allclose(m, ref["stats"][b, :, 0], rtol=1e-6, atol=1e-6)
+        assert np.allclose(l, ref["stats"][b, :, 1], rtol=1e-5)
+        assert np.allclose(info["o_est"][b], ref["o_est"][b], rtol=1e-4, atol=1e-7)
+        # V tiers: the reference rule applied to the kernel's own scores, m, l and O_est
+        # must give the kernel's tiers, except where exp() rounds across a power of two
+        p = (np.exp(info["scores"][b] - m[:, None]) / l[:, None]).astype(np.float32)
+        vt_ref = R.v_tiers(p, info["o_est"][b], planes["v_exp_max"][blocks], n)
+        diff = info["v_tiers"][b] != vt_ref
+        if diff.any():
+            frac = np.abs(np.log2(p) - np.round(np.log2(p)))
+            near = (frac < 1e-5).reshape(Hk, Hq // Hk, n).any(axis=1)
+            assert not (diff & ~near).any(), int((diff & ~near).sum())
+        assert diff.mean() < 1e-3
+        counted += R._count_bytes(info["k_tiers"][b], info["v_tiers"][b], n, Hq, nblk, D,
+                                  R.SEED_RULE)
+        # the output against the reference's aligned output and against float64
+        exact = R.float64_attention(q[b], K[b], V[b])
+        fp16 = R.fp16_attention(q[b], K[b], V[b])
+        assert R.relative_error(o[b], cpu.attend(0, q, mode="aligned")[b]) < 2e-3
+        err_aligned = R.relative_error(o[b], exact)
+        assert err_aligned < 4 * R.relative_error(fp16, exact) + 1e-3
+    # the kernel's counters equal the bytes implied by the tiers it used
+    got = gpu.counters()
+    names = ["k_hi_bytes", "k_mid_bytes", "k_lo_bytes", "v_hi_bytes", "v_mid_bytes",
+             "v_lo_bytes", "metadata_bytes", "values"]
+    assert [got[k] for k in names] == counted.tolist()
+    assert got["bits_per_value"]["total"] < 16
+
+
+def test_decode_batch_with_different_lengths(rng):
+    """Sequences of one batch at different lengths (appends to a subset are not supported,
+    so lengths differ through separate caches compared with one batched cache's prefix)."""
+    D, Hk, Hq = 128, 2, 4
+    gpu = AlignedKVCache(1, Hk, D, 512, num_query_heads=Hq, batch_size=2, backend="cuda")
+    K, V = kv_like(rng, 2, Hk, 300, D)
+    gpu.append(0, torch.from_numpy(K).cuda(), torch.from_numpy(V).cuda())
+    q = rng.standard_normal((2, Hq, D)).astype(np.float16)
+    o = gpu.attend(0, torch.from_numpy(q).cuda(), mode="full").cpu().numpy()
+    for b in range(2):
+        assert R.relative_error(o[b], R.float64_attention(q[b], K[b], V[b])) < 1e-3
+
+
+def test_dlpack_exports_same_memory():
+    gpu = AlignedKVCache(2, 2, 64, 128, backend="cuda")
+    rng = np.random.default_rng()
+    K, V = kv_like(rng, 1, 2, 70, 64)
+    gpu.append(1, torch.from_numpy(K).cuda(), torch.from_numpy(V).cuda())
+    for name in PLANE_NAMES:
+        arr = gpu.plane(name, 1)
+        t = torch.from_dlpack(arr)
+        assert t.data_ptr() == arr.ptr
+        assert t.dtype == torch.uint8 and tuple(t.shape) == gpu.layout.plane_shape(name)[1:]
+        assert t.device.type == "cuda"
+        assert np.array_equal(t.cpu().numpy(), gpu._backend.host_planes(1)[name])
+    # a write through the torch view is seen by the cache (same memory)
+    t = torch.from_dlpack(gpu.v_hi(1))
+    t[0, 0, 0, 0] = 0x3C
+    assert gpu._backend.host_planes(1)["v_hi"][0, 0, 0, 0] == 0x3C
+
+
+def test_launch_on_non_default_stream(rng):
+    D, Hk = 64, 2
+    gpu, cpu = make_pair(rng, 1, Hk, Hk, D, 1, 256)
+    K, V = kv_like(rng, 1, Hk, 200, D)
+    q = rng.standard_normal((1, Hk, D)).astype(np.float16)
+    side = torch.cuda.Stream()
+    kt, vt, qt = (torch.from_numpy(x).cuda() for x in (K, V, q))
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        gpu.append(0, kt, vt)                  # torch's current stream is `side`
+        o = gpu.attend(0, qt, mode="full")
+    side.synchronize()
+    cpu.append(0, K, V)
+    assert R.relative_error(o.cpu().numpy(), cpu.attend(0, q, mode="full")) < 1e-3
+    # explicit stream argument, output buffer given: nothing allocated
+    out = torch.empty_like(qt)
+    with torch.cuda.stream(side):
+        gpu.attend(0, qt, mode="aligned", out=out, stream=side.cuda_stream)
+    side.synchronize()
+    assert R.relative_error(out.cpu().numpy(), cpu.attend(0, q)) < 2e-3
+
+
+def test_inf_and_nan_survive_every_tier(rng):
+    D, Hk = 64, 1
+    gpu, cpu = make_pair(rng, 1, Hk, Hk, D, 1, 128)
+    K, V = kv_like(rng, 1, Hk, 100, D)
+    K[0, 0, 5, 3] = np.inf
+    V[0, 0, 7, 2] = -np.inf
+    V[0, 0, 9, 1] = np.float16(np.nan)
+    append_both(gpu, cpu, 0, K, V)
+    for tier in (8, 12):
+        kg, vg = gpu.read(0, 0, tier)
+        assert np.isposinf(kg[0, 5, 3]) and np.isneginf(vg[0, 7, 2]) and np.isnan(vg[0, 9, 1])
+    q = rng.standard_normal((1, Hk, D)).astype(np.float16)
+    o = gpu.attend(0, torch.from_numpy(q).cuda()).cpu().numpy()
+    o_full = gpu.attend(0, torch.from_numpy(q).cuda(), mode="full").cpu().numpy()
+    # fp16 semantics: the NaN in V poisons channel 1 in both modes, identically
+    assert np.array_equal(np.isnan(o), np.isnan(o_full))
+
+
+def test_bad_input_raises_before_launch(rng):
+    gpu = AlignedKVCache(1, 2, 64, 128, backend="cuda")
+    K, V = kv_like(rng, 1, 2, 10, 64)
+    with pytest.raises(ValueError, match="host arrays|device arrays"):
+        gpu.append(0, K, V)                     # numpy arrays on a CUDA cache
+    with pytest.raises(TypeError, match="float16"):
+        gpu.append(0, torch.zeros(1, 2, 10, 64, device="cuda"), torch.zeros(1, 2, 10, 64, device="cuda"))
+    assert gpu.lengths().sum() == 0
