@@ -248,8 +248,9 @@ def select_arch(built_archs, compute_capability: tuple) -> str:
     """
     major, minor = compute_capability
     exact = f"sm_{major}{minor}"
-    if exact in built_archs:
-        return exact
+    for arch in (exact, exact + "a"):
+        if arch in built_archs:
+            return arch
     candidates = []
     for arch in built_archs:
         cc = _arch_cc(arch)

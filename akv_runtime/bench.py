@@ -1,0 +1,248 @@
+"""Decode-attention benchmark (GPU): ``python -m akv_runtime.bench [--quick] [--json PATH]``.
+
+Times, in one run on the same data, torch SDPA (cuDNN and flash backends), plain eager
+attention, our ``full`` mode and our ``aligned`` mode, plus a device-to-device copy for the
+bandwidth ceiling; reports ms (median of CUDA-graph replays), the speed-up against cuDNN, the
+bytes our kernels read (their own counters), bits per value, effective bandwidth and its
+fraction of the copy bandwidth. Buffers rotate over several layers so repeated runs do not
+measure the 60 MB L2. Prints a short table last and writes JSON.
+
+K/V: drawn from SmolLM2-measured per-channel statistics (:mod:`akv_runtime.workload`), see
+docs/workload.md; never presented as model data. This is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import numpy as np
+
+SHAPES = {
+    # name: (query heads, kv heads, head_dim)
+    "llama2-7b": (32, 32, 128),
+    "llama3-8b": (32, 8, 128),
+    "smollm2-135m": (9, 3, 64),
+}
+QUICK_GRID = [("llama2-7b", 1, 4096), ("llama2-7b", 8, 4096), ("llama2-7b", 8, 16384),
+              ("llama2-7b", 8, 32768), ("llama3-8b", 8, 16384), ("smollm2-135m", 8, 2048)]
+
+
+def full_grid():
+    grid = []
+    for shape in SHAPES:
+        for batch in (1, 8, 32):
+            for ctx in (4096, 16384, 32768):
+                grid.append((shape, batch, ctx))
+        grid.append((shape, 1, 131072))
+    return grid
+
+
+def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
+    """Median ms of one call, from CUDA-graph replays of ``reps`` calls cycling ``rotate``
+    buffer sets (fn(i) runs on set i % rotate)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(rotate):  # warm-up outside capture (module load, workspace)
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i % rotate)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth(torch, nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = _median_graph_ms(torch, lambda i: dst.copy_(src), 10, 1)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _kv_generator(torch, Hk, D, rng):
+    """Per-(KV head, channel) scales for K and V and for q, from SmolLM2-measured statistics."""
+    from . import workload
+    return workload.channel_scales(rng, Hk, D)
+
+
+def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng):
+    from .cache import AlignedKVCache
+    from .reference import bits_per_value
+    Hq, Hk, D = SHAPES[shape_name]
+    G = Hq // Hk
+    layer_bytes = batch * Hk * ctx * D * 2 * 2
+    rotate = int(min(8, max(1, math.ceil(4 * l2_bytes / layer_bytes))))
+    scales = _kv_generator(torch, Hk, D, rng)
+    k_scale = torch.as_tensor(scales["k"], dtype=torch.float32, device="cuda")  # [Hk, D]
+    v_scale = torch.as_tensor(scales["v"], dtype=torch.float32, device="cuda")
+    q_scale = torch.as_tensor(scales["q"], dtype=torch.float32, device="cuda")  # [Hq, D]
+    cache = AlignedKVCache(rotate, Hk, D, ctx, num_query_heads=Hq, batch_size=batch,
+                           backend="cuda")
+    ks, vs, qs = [], [], []
+    for layer in range(rotate):
+        k = (torch.randn(batch, Hk, ctx, D, device="cuda") * k_scale[None, :, None]).half()
+        v = (torch.randn(batch, Hk, ctx, D, device="cuda") * v_scale[None, :, None]).half()
+        q = (torch.randn(batch, Hq, D, device="cuda") * q_scale[None]).half()
+        cache.append(layer, k, v)
+        ks.append(k)
+        vs.append(v)
+        qs.append(q)
+    out = torch.empty_like(qs[0])
+    F = torch.nn.functional
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    result = {"shape": shape_name, "batch": batch, "context": ctx, "query_heads": Hq,
+              "kv_heads": Hk, "head_dim": D, "rotate": rotate, "kv_source": scales["source"]}
+
+    def sdpa(i, backend):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(qs[i][:, :, None], ks[i], vs[i],
+                                                  enable_gqa=G > 1)
+
+    def eager(i):
+        q = qs[i].view(batch, Hk, G, D)
+        s = torch.matmul(q, ks[i].transpose(-1, -2)) * (1.0 / math.sqrt(D))
+        return torch.matmul(torch.softmax(s, dim=-1), vs[i])
+
+    times = {}
+    for name, fn in (("sdpa_cudnn", lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
+                     ("sdpa_flash", lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
+                     ("eager", eager),
+                     ("akv_full", lambda i: cache.attend(i, qs[i], mode="full", out=out)),
+                     ("akv_aligned", lambda i: cache.attend(i, qs[i], mode="aligned",
+                                                            out=out, rule=rule))):
+        try:
+            times[name] = _median_graph_ms(torch, fn, reps, rotate)
+        except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
+            times[name] = None
+            result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
+    result["ms"] = times
+    # bytes read, from the kernels' own counters (one counted call per layer)
+    per_mode = {}
+    for mode in ("full", "aligned"):
+        cache.reset_counters()
+        for i in range(rotate):
+            cache.attend(i, qs[i], mode=mode, out=out, count=True, rule=rule)
+        c = cache.counters()
+        plane = sum(c[n] for n in ("k_hi_bytes", "k_mid_bytes", "k_lo_bytes", "v_hi_bytes",
+                                   "v_mid_bytes", "v_lo_bytes")) / rotate
+        meta = c["metadata_bytes"] / rotate
+        nblk = -(-ctx // 64)
+        workspace = batch * Hq * (ctx * 4 * 2 + nblk * D * 4 * 2)  # scores + partials, w+r
+        per_mode[mode] = {"bits_per_value": c["bits_per_value"],
+                          "plane_bytes": plane, "metadata_bytes": meta,
+                          "workspace_bytes": workspace}
+    result["bytes"] = per_mode
+    result["fp16_kv_bytes"] = layer_bytes
+    base = times.get("sdpa_cudnn") or times.get("sdpa_flash")
+    for mode in ("full", "aligned"):
+        t = times.get(f"akv_{mode}")
+        if t:
+            b = per_mode[mode]
+            total = b["plane_bytes"] + b["metadata_bytes"] + b["workspace_bytes"]
+            result[f"{mode}_bandwidth_TBps"] = total / (t * 1e-3) / 1e12
+            result[f"{mode}_fraction_of_copy"] = total / (t * 1e-3) / copy_bw
+            if base:
+                result[f"{mode}_speedup_vs_sdpa"] = base / t
+    # append of one decode token to every layer, vs one layer's decode attention
+    one_k = ks[0][:, :, :1].clone()
+    one_v = vs[0][:, :, :1].clone()
+    del ks, vs
+    torch.cuda.synchronize()
+    if cache.capacity > ctx:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        cache.append(0, one_k, one_v)
+        end.record()
+        end.synchronize()
+        result["append_one_token_ms"] = start.elapsed_time(end)
+    cache.close()
+    del cache, qs
+    torch.cuda.empty_cache()
+    return result
+
+
+def format_table(rows, copy_bw) -> str:
+    head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7} "
+            f"{'full':>7} {'aligned':>8} {'x cudnn':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6}")
+    lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
+             "-" * len(head)]
+    fmt = lambda v: f"{v:7.3f}" if v else "    n/a"  # noqa: E731
+    for r in rows:
+        t = r["ms"]
+        lines.append(
+            f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
+            f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))} {fmt(t.get('akv_full'))} "
+            f"{fmt(t.get('akv_aligned')):>8} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
+            f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "
+            f"{r.get('aligned_bandwidth_TBps', 0):6.2f} "
+            f"{100 * r.get('aligned_fraction_of_copy', 0):5.0f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m akv_runtime.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short grid (issue 2's timing)")
+    parser.add_argument("--case", action="append", default=[],
+                        help="shape:batch:context, e.g. llama2-7b:8:16384 (repeatable)")
+    parser.add_argument("--reps", type=int, default=20, help="calls per graph replay")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    from .cache import cuda_unavailable_reason
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        print(f"bench: timings need a CUDA GPU ({reason})", file=sys.stderr)
+        return 2
+    import torch
+    from .reference import SEED_RULE
+    if args.case:
+        grid = []
+        for spec in args.case:
+            shape, b, c = spec.split(":")
+            if shape not in SHAPES:
+                parser.error(f"--case: unknown shape {shape!r}; shapes are {list(SHAPES)}")
+            grid.append((shape, int(b), int(c)))
+    else:
+        grid = QUICK_GRID if args.quick else full_grid()
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 60 << 20)
+    copy_bw = copy_bandwidth(torch)
+    rng = np.random.default_rng(2409_16546)
+    rows = []
+    for shape, b, c in grid:
+        t0 = time.time()
+        rows.append(bench_case(torch, shape, b, c, SEED_RULE, copy_bw, l2, args.reps, rng))
+        print(f"  {shape} B={b} ctx={c}: {rows[-1]['ms']} ({time.time() - t0:.1f} s)",
+              flush=True)
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "copy_bandwidth_Bps": copy_bw, "rule": SEED_RULE.name,
+              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=float)
+    print(format_table(rows, copy_bw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""A fake CUDA driver (the ``cuda.bindings.driver`` calls the runtime makes), after tinygrad's
+mockgpu: device memory is host memory, kernels do not run but every launch is recorded with
+its parameters decoded from the ``void**`` array through the kernel signatures parsed from
+``cuda/akv.cu``. GPU code paths (device query, cubin selection, buffer set-up, argument
+packing, launch geometry) run in CPU-only CI."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import re
+from pathlib import Path
+
+CUDA_ROOT = Path(__file__).resolve().parent.parent / "cuda"
+
+
+def parse_kernel_signatures(source: str) -> dict:
+    """Map each ``extern "C" __global__`` kernel of the source (macro-instantiated ones
+    included) to its parameter kinds: 'ptr' (8 bytes), 'i64', 'i32' or 'f32'."""
+    text = source.replace("\\\n", "\n")
+    sigs = {}
+    macro_bodies = {}
+    for m in re.finditer(r"#define\s+(\w+)\((\w+)\)(.*?)(?=\n\w|\n#define|\Z)", text, re.S):
+        macro_bodies[m.group(1)] = (m.group(2), m.group(3))
+    expanded = text
+    for name, (param, body) in macro_bodies.items():
+        for inst in re.finditer(rf"^{name}\((\w+)\)", text, re.M):
+            expanded += "\n" + body.replace(f"##{param}", inst.group(1)).replace(
+                f"{param}", inst.group(1))
+    for m in re.finditer(r'extern "C" __global__ void(?:\s+__launch_bounds__\(\w+\))?\s+'
+                         r"(akv_\w+)\((.*?)\)\s*\{", expanded, re.S):
+        kinds = []
+        for p in m.group(2).split(","):
+            p = " ".join(p.split())
+            if "*" in p:
+                kinds.append("ptr")
+            elif p.startswith("long long"):
+                kinds.append("i64")
+            elif p.startswith("int"):
+                kinds.append("i32")
+            elif p.startswith("float"):
+                kinds.append("f32")
+            else:
+                raise ValueError(f"unparsed parameter {p!r} of {m.group(1)}")
+        sigs[m.group(1)] = kinds
+    return sigs
+
+
+_CTYPES = {"ptr": ctypes.c_uint64, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
+           "f32": ctypes.c_float}
+
+
+class CUresult(enum.IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_OUT_OF_MEMORY = 2
+    CUDA_ERROR_NO_DEVICE = 100
+    CUDA_ERROR_NOT_FOUND = 500
+
+
+_DESCRIPTIONS = {
+    CUresult.CUDA_ERROR_INVALID_VALUE: "invalid argument",
+    CUresult.CUDA_ERROR_OUT_OF_MEMORY: "out of memory",
+    CUresult.CUDA_ERROR_NO_DEVICE: "no CUDA-capable device is detected",
+    CUresult.CUDA_ERROR_NOT_FOUND: "named symbol not found",
+}
+
+
+class CUdevice_attribute(enum.IntEnum):
+    CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
+    CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+    CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+
+class _Handle(int):
+    pass
+
+
+def CUstream(value=0):
+    return _Handle(int(value))
+
+
+def CUdeviceptr(value=0):
+    return _Handle(int(value))
+
+
+class FakeDriver:
+    """Install with ``monkeypatch.setattr(akv_runtime.driver, "_cu", FakeDriver(...))``."""
+
+    CUresult = CUresult
+    CUdevice_attribute = CUdevice_attribute
+    CUstream = staticmethod(CUstream)
+    CUdeviceptr = staticmethod(CUdeviceptr)
+
+    def __init__(self, compute_capability=(9, 0), devices=1, fail=None):
+        self.cc = compute_capability
+        self.devices = devices
+        self.fail = dict(fail or {})       # call name -> CUresult to return
+        self.launches = []
+        self.allocations = {}
+        self.loaded_images = []
+        self.signatures = parse_kernel_signatures((CUDA_ROOT / "akv.cu").read_text())
+
+    def _result(self, name, *values):
+        if name in self.fail:
+            return (self.fail[name],) + tuple(None for _ in values)
+        return (CUresult.CUDA_SUCCESS,) + values
+
+    # errors
+    def cuGetErrorName(self, err):
+        return CUresult.CUDA_SUCCESS, CUresult(int(err)).name.encode()
+
+    def cuGetErrorString(self, err):
+        return CUresult.CUDA_SUCCESS, _DESCRIPTIONS.get(CUresult(int(err)), "?").encode()
+
+    # device and context
+    def cuInit(self, flags):
+        return self._result("cuInit")
+
+    def cuDeviceGetCount(self):
+        return self._result("cuDeviceGetCount", self.devices)
+
+    def cuDeviceGet(self, ordinal):
+        return self._result("cuDeviceGet", _Handle(ordinal))
+
+    def cuDeviceGetAttribute(self, attr, dev):
+        value = {CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: self.cc[0],
+                 CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: self.cc[1],
+                 CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: 132}[attr]
+        return self._result("cuDeviceGetAttribute", value)
+
+    def cuDeviceGetName(self, length, dev):
+        return self._result("cuDeviceGetName", b"Fake GPU\x00\x00")
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        return self._result("cuDevicePrimaryCtxRetain", _Handle(0xC0))
+
+    def cuCtxSetCurrent(self, ctx):
+        return self._result("cuCtxSetCurrent")
+
+    # modules
+    def cuModuleLoadData(self, image):
+        self.loaded_images.append(bytes(image))
+        return self._result("cuModuleLoadData", _Handle(len(self.loaded_images)))
+
+    def cuModuleGetFunction(self, module, name):
+        name = name.decode()
+        if name not in self.signatures:
+            return (CUresult.CUDA_ERROR_NOT_FOUND, None)
+        return self._result("cuModuleGetFunction", name)
+
+    def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        kinds = self.signatures[fn]
+        slots = (ctypes.c_void_p * len(kinds)).from_address(params)
+        values = [_CTYPES[k].from_address(slots[i]).value for i, k in enumerate(kinds)]
+        self.launches.append({"name": fn, "grid": (gx, gy, gz), "block": (bx, by, bz),
+                              "stream": int(stream), "args": values})
+        return self._result("cuLaunchKernel")
+
+    # memory: host memory stands in for device memory
+    def cuMemAlloc(self, nbytes):
+        if "cuMemAlloc" in self.fail:
+            return (self.fail["cuMemAlloc"], None)
+        buf = ctypes.create_string_buffer(int(nbytes))
+        address = ctypes.addressof(buf)
+        self.allocations[address] = buf
+        return CUresult.CUDA_SUCCESS, address
+
+    def cuMemFree(self, ptr):
+        self.allocations.pop(int(ptr), None)
+        return self._result("cuMemFree")
+
+    def cuMemsetD8Async(self, ptr, value, n, stream):
+        ctypes.memset(int(ptr), value, n)
+        return self._result("cuMemsetD8Async")
+
+    def cuMemcpyHtoD(self, dst, src, n):
+        ctypes.memmove(int(dst), int(src), n)
+        return self._result("cuMemcpyHtoD")
+
+    def cuMemcpyDtoH(self, dst, src, n):
+        ctypes.memmove(int(dst), int(src), n)
+        return self._result("cuMemcpyDtoH")
+
+    def cuStreamSynchronize(self, stream):
+        return self._result("cuStreamSynchronize")

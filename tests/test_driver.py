@@ -1,0 +1,173 @@
+"""CPU tests of the driver layer and the CUDA backend's launches, through a fake driver."""
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+
+from akv_runtime import driver
+from akv_runtime.arrays import ArrayInfo
+from akv_runtime.cache import AlignedKVCache
+from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES, PlaneLayout
+
+from fake_driver import CUresult, FakeDriver, parse_kernel_signatures, CUDA_ROOT
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """Install a fake driver (compute capability 9.0) and a manifest with sm_80 and sm_90."""
+    fake = FakeDriver((9, 0))
+    monkeypatch.setattr(driver, "_cu", fake)
+    for arch in ("sm_80", "sm_90"):
+        (tmp_path / arch).mkdir()
+        (tmp_path / arch / "akv.cubin").write_bytes(f"cubin for {arch}".encode())
+    manifest = {"architectures": {a: {"akv.cubin": {}} for a in ("sm_80", "sm_90")}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("AKV_CUBIN_DIR", str(tmp_path))
+    driver._reset_for_tests()
+    yield fake
+    driver._reset_for_tests()
+
+
+def test_check_passes_values_and_raises_typed_errors(monkeypatch):
+    monkeypatch.setattr(driver, "_cu", FakeDriver())
+    assert driver.check((CUresult.CUDA_SUCCESS,)) is None
+    assert driver.check((CUresult.CUDA_SUCCESS, 7)) == 7
+    assert driver.check((CUresult.CUDA_SUCCESS, 1, 2)) == (1, 2)
+    with pytest.raises(driver.CudaError) as info:
+        driver.check((CUresult.CUDA_ERROR_OUT_OF_MEMORY, None), "cuMemAlloc")
+    err = info.value
+    assert err.code == 2 and err.name == "CUDA_ERROR_OUT_OF_MEMORY"
+    assert str(err) == "CUDA_ERROR_OUT_OF_MEMORY: out of memory in cuMemAlloc"
+
+
+@pytest.mark.parametrize("built,cc,expected", [
+    ({"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"}, (9, 0), "sm_90"),
+    ({"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"}, (8, 7), "sm_86"),   # Orin: same major
+    ({"sm_80", "sm_90"}, (8, 9), "sm_80"),
+    ({"sm_80", "sm_90a"}, (9, 0), "sm_90a"),
+])
+def test_select_arch(built, cc, expected):
+    assert driver.select_arch(built, cc) == expected
+
+
+@pytest.mark.parametrize("built,cc", [({"sm_80", "sm_90"}, (7, 5)), ({"sm_90a"}, (9, 1)),
+                                      ({"sm_86"}, (8, 0)), (set(), (9, 0))])
+def test_select_arch_error_names_capability_archs_and_command(built, cc):
+    with pytest.raises(driver.NoCubinError) as info:
+        driver.select_arch(built, cc)
+    msg = str(info.value)
+    assert f"compute capability {cc[0]}.{cc[1]}" in msg
+    assert f"python build.py --arch sm_{cc[0]}{cc[1]}" in msg
+    for arch in built:
+        assert arch in msg
+
+
+def test_device_and_module_selection_with_fake_driver(fake):
+    dev = driver.get_device(0)
+    assert dev.compute_capability == (9, 0) and dev.name == "Fake GPU" and dev.arch == "sm_90"
+    mod = driver.load_module(dev)
+    assert mod.arch == "sm_90" and fake.loaded_images == [b"cubin for sm_90"]
+    assert driver.load_module(dev) is mod           # cached
+    with pytest.raises(driver.CudaError, match="CUDA_ERROR_NOT_FOUND"):
+        mod.function("no_such_kernel")
+    with pytest.raises(ValueError, match="device_id"):
+        driver.get_device(3)
+
+
+def test_no_matching_cubin_is_a_clear_error(monkeypatch, fake):
+    fake.cc = (7, 5)
+    driver._reset_for_tests()
+    with pytest.raises(driver.NoCubinError, match="compute capability 7.5.*sm_80, sm_90"):
+        driver.load_module(driver.get_device(0))
+
+
+def test_unavailable_reason_names_the_driver_error(monkeypatch):
+    monkeypatch.setattr(driver, "_cu", FakeDriver(fail={"cuInit": CUresult.CUDA_ERROR_NO_DEVICE}))
+    driver._reset_for_tests()
+    try:
+        reason = driver.unavailable_reason()
+        assert reason.startswith("CUDA_ERROR_NO_DEVICE: no CUDA-capable device")
+        with pytest.warns(RuntimeWarning, match="numpy reference"):
+            cache = AlignedKVCache(1, 1, 64, 64)
+        assert cache.backend == "numpy"
+        with pytest.raises(ValueError, match="backend: 'cuda' is not available"):
+            AlignedKVCache(1, 1, 64, 64, backend="cuda")
+    finally:
+        driver._reset_for_tests()
+
+
+def test_pack_args_round_trips_through_void_pointers():
+    args = [driver.ptr(0xDEADBEEF000), driver.i32(-7), driver.f32(0.125),
+            ctypes.c_int64(1 << 40)]
+    address, keep = driver.pack_args(args)
+    slots = (ctypes.c_void_p * 4).from_address(address)
+    assert ctypes.c_uint64.from_address(slots[0]).value == 0xDEADBEEF000
+    assert ctypes.c_int32.from_address(slots[1]).value == -7
+    assert ctypes.c_float.from_address(slots[2]).value == 0.125
+    assert ctypes.c_int64.from_address(slots[3]).value == 1 << 40
+    with pytest.raises(TypeError, match="kernel argument 1"):
+        driver.pack_args([driver.i32(1), 5])
+
+
+def test_signatures_parse_every_entry_point():
+    sigs = parse_kernel_signatures((CUDA_ROOT / "akv.cu").read_text())
+    assert {"akv_append", "akv_advance", "akv_decode_scores_d64", "akv_decode_scores_d128",
+            "akv_decode_estimate", "akv_decode_values_d64", "akv_decode_values_d128",
+            "akv_decode_combine"} <= set(sigs)
+
+
+def _info(shape, strides, ptr, dtype=np.float16):
+    return ArrayInfo(tuple(shape), tuple(strides), np.dtype(dtype), str(np.dtype(dtype)),
+                     "cuda", 0, ptr, None)
+
+
+def test_cuda_backend_launches_match_kernel_signatures(fake):
+    B, Hk, Hq, D, L = 2, 3, 9, 64, 2
+    cache = AlignedKVCache(L, Hk, D, 300, num_query_heads=Hq, batch_size=B, backend="cuda")
+    backend = cache._backend
+    assert cache.device.startswith("Fake GPU (compute capability 9.0, cubin sm_90)")
+    # buffers: one per plane set, zero-filled, the block table uploaded
+    table = backend.ws["block_table"].to_numpy()
+    assert np.array_equal(table, cache.block_table)
+    for name in PLANE_NAMES:
+        arr = cache.plane(name, 1)
+        assert arr.shape == PlaneLayout(L, cache.layout.num_blocks, Hk, D).plane_shape(name)[1:]
+        assert arr.ptr == backend.planes[name].ptr + backend.layer_nbytes[name]
+    # a strided prefill append (HF layout [B, S, Hk, D].transpose(1, 2)), on stream 0x55
+    S = 70
+    k = _info((B, Hk, S, D), (S * Hk * D, D, Hk * D, 1), 0x10000)
+    v = _info((B, Hk, S, D), (S * Hk * D, D, Hk * D, 1), 0x20000)
+    backend.append(1, k, v, np.zeros(B, np.int64), 0x55)
+    append, advance = fake.launches[-2:]
+    sig = fake.signatures["akv_append"]
+    assert len(append["args"]) == len(sig)
+    assert append["name"] == "akv_append" and append["stream"] == 0x55
+    assert append["grid"] == (-(-S // BLOCK_TOKENS) + 1, Hk, B) and append["block"] == (D, 1, 1)
+    assert append["args"][:8] == [0x10000, 0x20000, S * Hk * D, D, Hk * D, S * Hk * D, D, Hk * D]
+    assert append["args"][8] == S
+    assert append["args"][9] == backend._lengths_ptr(1)
+    assert advance["name"] == "akv_advance" and advance["args"][1:] == [B, S]
+    cache._lengths[1] = S
+    # decode attention: four launches with the right geometry
+    q = _info((B, Hq, D), (Hq * D, D, 1), 0x30000)
+    out = _info((B, Hq, D), (Hq * D, D, 1), 0x40000)
+    fake.launches.clear()
+    backend.attend(1, q, out, "aligned", cache.rule, 0x77, False, False)
+    names = [x["name"] for x in fake.launches]
+    assert names == ["akv_decode_scores_d64", "akv_decode_estimate", "akv_decode_values_d64",
+                     "akv_decode_combine"]
+    scores, estimate, values, combine = fake.launches
+    nblk = -(-S // BLOCK_TOKENS)
+    assert scores["grid"] == (nblk, Hk, B) and values["grid"] == (nblk, Hk, B)
+    assert estimate["grid"] == (Hq, B, 1) and combine["grid"] == (Hq, B, 1)
+    assert all(x["stream"] == 0x77 for x in fake.launches)
+    assert scores["args"][0] == 0x30000 and combine["args"][-1] == 0x40000
+    assert abs(scores["args"][12] - 1 / np.sqrt(D)) < 1e-7    # scale
+    assert scores["args"][13] == 0                             # aligned
+    assert scores["args"][-2] == 0 and scores["args"][-1] == 0  # no counters, no debug maps
+    backend.attend(1, q, out, "full", cache.rule, 0, True, False)
+    assert fake.launches[-4]["args"][13] == 1
+    assert fake.launches[-4]["args"][-2] == backend.ws["counters"].ptr
+    cache.close()

@@ -1,0 +1,171 @@
+"""CPU tests of the numpy reference: bit planes, the tier rule, attention."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from akv_runtime import reference as R
+from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES, PlaneLayout, identity_block_table
+
+bits16 = arrays(np.uint16, st.integers(1, 300), elements=st.integers(0, 0xFFFF))
+
+
+@given(bits16)
+def test_split_join_round_trip_at_16_bits(bits):
+    x = bits.view(np.float16)
+    hi, mid, lo = R.split_planes(x)
+    assert np.array_equal(R.join_planes(hi, mid, lo, 16).view(np.uint16), bits)
+
+
+@given(arrays(np.uint8, st.integers(1, 64).map(lambda n: 2 * n), elements=st.integers(0, 15)))
+def test_nibble_pack_round_trip(nibbles):
+    packed = R.pack_nibbles(nibbles[0::2], nibbles[1::2])
+    assert packed.shape[0] == nibbles.shape[0] // 2
+    assert np.array_equal(R.unpack_nibbles(packed), nibbles)
+
+
+@given(bits16)
+def test_truncated_tiers_keep_specials_and_bound_the_error(bits):
+    x = bits.view(np.float16)
+    hi, mid, lo = R.split_planes(x)
+    finite = np.isfinite(x)
+    e = R.exponent_field16(bits).astype(np.int64) - 15        # unbiased, subnormal -> -14
+    for tier, ulp_bits in ((8, 2), (12, 6)):
+        t = R.join_planes(hi, mid, lo, tier)
+        # Inf stays Inf, NaN whose payload lies in the hi byte stays NaN, signs kept; a NaN
+        # with its payload in the dropped bits reads as Inf of its sign (the decode kernels
+        # read any block-channel holding exponent 31 at 16 bits, so never see that)
+        nan = np.isnan(x)
+        assert np.array_equal(np.isposinf(t)[~nan], np.isposinf(x)[~nan])
+        assert np.array_equal(np.isneginf(t)[~nan], np.isneginf(x)[~nan])
+        kept_payload = ((hi & 3) != 0) | ((mid != 0) if tier == 12 else False)
+        assert np.all(np.isnan(t)[nan & kept_payload])
+        assert np.all(np.isinf(t)[nan & ~kept_payload])
+        # midpoint refill: error at most half an ulp of the kept mantissa
+        err = np.abs(t[finite].astype(np.float64) - x[finite].astype(np.float64))
+        assert np.all(err <= np.exp2(e[finite] - ulp_bits - 1) + 0.0)
+        # the hi byte (sign and exponent) is never changed
+        assert np.array_equal(R.split_planes(t)[0], hi)
+
+
+def _fresh_planes(L, B, Hk, D, max_len):
+    bps = -(-max_len // BLOCK_TOKENS)
+    layout = PlaneLayout(L, B * bps, Hk, D)
+    planes = {n: np.zeros(layout.plane_shape(n)[1:], np.uint8) for n in PLANE_NAMES}
+    return planes, identity_block_table(B, bps)
+
+
+def _kv(rng, B, Hk, S, D):
+    scale = np.exp2(rng.uniform(-4, 2, (1, Hk, 1, D)))
+    K = (rng.standard_normal((B, Hk, S, D)) * scale).astype(np.float16)
+    V = (rng.standard_normal((B, Hk, S, D)) * np.exp2(rng.uniform(-2, 0, (1, Hk, 1, D))))
+    return K, V.astype(np.float16)
+
+
+def test_append_in_pieces_equals_one_append(rng):
+    """Writes into a half-filled block keep the neighbouring token of each shared byte."""
+    B, Hk, D, n = 2, 2, 64, 333
+    K, V = _kv(rng, B, Hk, n, D)
+    one, table = _fresh_planes(1, B, Hk, D, 400)
+    R.append_tokens(one, table, np.zeros(B, int), K, V)
+    pieces, _ = _fresh_planes(1, B, Hk, D, 400)
+    start = 0
+    cuts = sorted(set(rng.integers(1, n, 12).tolist())) + [n]
+    for end in cuts:
+        R.append_tokens(pieces, table, np.full(B, start), K[:, :, start:end], V[:, :, start:end])
+        start = end
+    for name in PLANE_NAMES:
+        assert np.array_equal(one[name], pieces[name]), name
+    for b in range(B):
+        k, v = R.read_sequence(pieces, table[b], n, 16)
+        assert np.array_equal(k.view(np.uint16), K[b].view(np.uint16))
+        assert np.array_equal(v.view(np.uint16), V[b].view(np.uint16))
+    # exponent maxima equal the brute-force maxima per block and channel
+    E = R.exponent_field16(K.view(np.uint16))
+    for blk in range(-(-n // BLOCK_TOKENS)):
+        expect = E[0, :, blk * 64:(blk + 1) * 64].max(axis=1)
+        assert np.array_equal(pieces["k_exp_max"][table[0, blk]], expect)
+
+
+def test_k_tiers_bound_every_product_error(rng):
+    """Brute force over real values: every product q_i·k_ji read at the chosen tier is off by
+    at most 2^-10 of the block's largest product (DESIGN.md section 4 with thresholds 8/4)."""
+    Hk, G, D, nblk = 2, 3, 64, 6
+    K, _ = _kv(rng, 1, Hk, nblk * 64, D)
+    q = (rng.standard_normal((Hk * G, D)) * np.exp2(rng.uniform(-6, 3, D))).astype(np.float16)
+    planes, table = _fresh_planes(1, 1, Hk, D, nblk * 64)
+    R.append_tokens(planes, table, [0], K, K)
+    kexp = planes["k_exp_max"][table[0]]
+    tiers = R.k_tiers(q, kexp)                                      # [Hk, nblk, D]
+    assert (tiers == 8).any() and (tiers == 16).any()               # the rule does something
+    for t in (8, 12, 16):
+        Kt, _ = R.read_sequence(planes, table[0], nblk * 64, t)
+        for h in range(Hk):
+            for blk in range(nblk):
+                sl = slice(blk * 64, (blk + 1) * 64)
+                exact = K[0, h, sl].astype(np.float64)              # [64, D]
+                err = np.abs(Kt[h, sl].astype(np.float64) - exact)
+                for g in range(G):
+                    qg = np.abs(q[h * G + g].astype(np.float64))
+                    biggest = (qg * np.abs(exact)).max()
+                    at_tier = tiers[h, blk] == t
+                    worst = (qg[at_tier] * err[:, at_tier]).max(initial=0.0)
+                    assert worst <= biggest * 2.0 ** -10, (t, h, blk, g)
+
+
+def test_v_tiers_bound_every_term_error(rng):
+    """Brute force: each term p_j·v_jd read at the chosen tier is off by at most 2^-10 of
+    |O_est_d| (DESIGN.md section 4, V side, thresholds 8/4, bias 0)."""
+    Hk, G, D, n = 1, 2, 64, 500
+    K, V = _kv(rng, 1, Hk, n, D)
+    planes, table = _fresh_planes(1, 1, Hk, D, n)
+    R.append_tokens(planes, table, [0], K, V)
+    q = (4 * rng.standard_normal((1, Hk * G, D))).astype(np.float16)   # peaked weights
+    res = R.decode_attention(planes, q, table, [n], "aligned", keep_debug=True)
+    vt, p, o_est = res.v_tiers[0], res.weights[0], res.o_est[0]
+    assert (vt == 8).any()
+    exact = V[0].astype(np.float64)
+    for t in (8, 12):
+        _, Vt = R.read_sequence(planes, table[0], n, t)
+        err = np.abs(Vt.astype(np.float64) - exact)                   # [Hk, n, D]
+        for hq in range(Hk * G):
+            h = hq // G
+            sel = vt[h] == t
+            term = p[hq, sel, None].astype(np.float64) * err[h, sel]
+            assert np.all(term <= np.abs(o_est[hq]) * 2.0 ** -10 + 1e-30)
+
+
+def test_full_mode_matches_float64_attention(rng):
+    B, Hk, G, D, n = 2, 3, 3, 64, 777
+    K, V = _kv(rng, B, Hk, n, D)
+    planes, table = _fresh_planes(1, B, Hk, D, n)
+    R.append_tokens(planes, table, np.zeros(B, int), K, V)
+    q = rng.standard_normal((B, Hk * G, D)).astype(np.float16)
+    full = R.decode_attention(planes, q, table, [n, n], "full")
+    aligned = R.decode_attention(planes, q, table, [n, n], "aligned")
+    for b in range(B):
+        exact = R.float64_attention(q[b], K[b], V[b])
+        assert R.relative_error(full.output[b], exact) < 5e-4
+        fp16 = R.fp16_attention(q[b], K[b], V[b])
+        assert R.relative_error(aligned.output[b], exact) < 4 * R.relative_error(fp16, exact)
+    bits_full = R.bits_per_value(full.counters)
+    bits_aligned = R.bits_per_value(aligned.counters)
+    assert bits_full["v"] == 16.0
+    assert bits_aligned["total"] < bits_full["total"]
+
+
+def test_estimate_blocks_order_and_ties():
+    bmax = np.array([1.0, 3.0, 3.0, -1.0, 2.0], np.float32)
+    assert R.estimate_blocks(bmax, 3).tolist() == [1, 2, 4]
+    assert R.estimate_blocks(bmax, 10).tolist() == [1, 2, 4, 0, 3]
+
+
+def test_rule_validation():
+    with pytest.raises(ValueError, match="k_thresholds"):
+        R.AlignmentRule(k_thresholds=(2, 4))
+    with pytest.raises(ValueError, match="topk"):
+        R.AlignmentRule(topk=0)
+    with pytest.raises(ValueError, match="mode"):
+        R.decode_attention({}, np.zeros((1, 1, 64), np.float16), [[0]], [1], mode="fast")
