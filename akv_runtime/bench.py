@@ -7,8 +7,9 @@ bytes our kernels read (their own counters), bits per value, effective bandwidth
 fraction of the copy bandwidth. Buffers rotate over several layers so repeated runs do not
 measure the 60 MB L2. Prints a short table last and writes JSON.
 
-K/V: drawn from SmolLM2-measured per-channel statistics (:mod:`akv_runtime.workload`), see
-docs/workload.md; never presented as model data. This is a benchmark, not a test.
+K/V and q: drawn from SmolLM2-measured per-channel statistics
+(:func:`akv_runtime.workload.synthetic_kv`, docs/workload.md), labelled so in the output;
+never presented as model data. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 
 SHAPES = {
     # name: (query heads, kv heads, head_dim)
@@ -70,39 +70,42 @@ def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(torch, nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+def copy_bandwidth(torch, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written: the
+    median of 20 event-timed copies of ``nbytes`` (after warm-up)."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    ms = _median_graph_ms(torch, lambda i: dst.copy_(src), 10, 1)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     del src, dst
-    return 2 * nbytes / (ms * 1e-3)
+    return 2 * nbytes / (statistics.median(times) * 1e-3)
 
 
-def _kv_generator(torch, Hk, D, rng):
-    """Per-(KV head, channel) scales for K and V and for q, from SmolLM2-measured statistics."""
-    from . import workload
-    return workload.channel_scales(rng, Hk, D)
-
-
-def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng):
+def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng,
+               versions=(1, 2)):
     from .cache import AlignedKVCache
     from .reference import bits_per_value
     Hq, Hk, D = SHAPES[shape_name]
     G = Hq // Hk
     layer_bytes = batch * Hk * ctx * D * 2 * 2
     rotate = int(min(8, max(1, math.ceil(4 * l2_bytes / layer_bytes))))
-    scales = _kv_generator(torch, Hk, D, rng)
-    k_scale = torch.as_tensor(scales["k"], dtype=torch.float32, device="cuda")  # [Hk, D]
-    v_scale = torch.as_tensor(scales["v"], dtype=torch.float32, device="cuda")
-    q_scale = torch.as_tensor(scales["q"], dtype=torch.float32, device="cuda")  # [Hq, D]
+    from . import workload
     cache = AlignedKVCache(rotate, Hk, D, ctx, num_query_heads=Hq, batch_size=batch,
                            backend="cuda")
     ks, vs, qs = [], [], []
     for layer in range(rotate):
-        k = (torch.randn(batch, Hk, ctx, D, device="cuda") * k_scale[None, :, None]).half()
-        v = (torch.randn(batch, Hk, ctx, D, device="cuda") * v_scale[None, :, None]).half()
-        q = (torch.randn(batch, Hq, D, device="cuda") * q_scale[None]).half()
+        # each rotation buffer takes the statistics of a different relative depth
+        depth = (layer + 0.5) / rotate
+        k, v = workload.synthetic_kv(rng, batch, Hk, ctx, D, depth)
+        q = workload.synthetic_q(rng, batch, Hq, D, depth, num_kv_heads=Hk)
         cache.append(layer, k, v)
         ks.append(k)
         vs.append(v)
@@ -111,7 +114,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     F = torch.nn.functional
     from torch.nn.attention import SDPBackend, sdpa_kernel
     result = {"shape": shape_name, "batch": batch, "context": ctx, "query_heads": Hq,
-              "kv_heads": Hk, "head_dim": D, "rotate": rotate, "kv_source": scales["source"]}
+              "kv_heads": Hk, "head_dim": D, "rotate": rotate, "kv_source": workload.SYNTHETIC_LABEL}
 
     def sdpa(i, backend):
         with sdpa_kernel([backend]):
@@ -123,19 +126,37 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
         s = torch.matmul(q, ks[i].transpose(-1, -2)) * (1.0 / math.sqrt(D))
         return torch.matmul(torch.softmax(s, dim=-1), vs[i])
 
+    def ours(mode):
+        return lambda i: cache.attend(i, qs[i], mode=mode, out=out, rule=rule)
+
+    candidates = [("sdpa_cudnn", None, lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
+                  ("sdpa_flash", None, lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
+                  ("eager", None, eager)]
+    for version in versions:
+        tag = "" if version == versions[-1] else f"_v{version}"
+        candidates += [(f"akv_full{tag}", version, ours("full")),
+                       (f"akv_aligned{tag}", version, ours("aligned"))]
     times = {}
-    for name, fn in (("sdpa_cudnn", lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
-                     ("sdpa_flash", lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
-                     ("eager", eager),
-                     ("akv_full", lambda i: cache.attend(i, qs[i], mode="full", out=out)),
-                     ("akv_aligned", lambda i: cache.attend(i, qs[i], mode="aligned",
-                                                            out=out, rule=rule))):
+    for name, version, fn in candidates:
+        if version is not None:
+            cache._backend.set_decode_version(version)
         try:
             times[name] = _median_graph_ms(torch, fn, reps, rotate)
         except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
             times[name] = None
             result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
     result["ms"] = times
+    # each decode phase alone (aligned mode, default kernels), to place the time
+    from .arrays import describe
+    q_infos = [describe(q, "q") for q in qs]
+    phase_ms = {}
+    for k, name in enumerate(("scores", "estimate", "values", "combine")):
+        def one(i, k=k):
+            stream = torch.cuda.current_stream().cuda_stream
+            cache._backend.decode_phases(i, q_infos[i], out.data_ptr(), "aligned", rule,
+                                         stream)[k][1]()
+        phase_ms[name] = _median_graph_ms(torch, one, reps, rotate)
+    result["phase_ms"] = phase_ms
     # bytes read, from the kernels' own counters (one counted call per layer)
     per_mode = {}
     for mode in ("full", "aligned"):
@@ -154,6 +175,8 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     result["bytes"] = per_mode
     result["fp16_kv_bytes"] = layer_bytes
     base = times.get("sdpa_cudnn") or times.get("sdpa_flash")
+    if base:  # the fp16 roof in practice: what cuDNN reads per second on the same data
+        result["cudnn_read_TBps"] = layer_bytes / (base * 1e-3) / 1e12
     for mode in ("full", "aligned"):
         t = times.get(f"akv_{mode}")
         if t:
@@ -183,7 +206,8 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
 
 def format_table(rows, copy_bw) -> str:
     head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7} "
-            f"{'full':>7} {'aligned':>8} {'x cudnn':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6}")
+            f"{'full v1':>7} {'algn v1':>7} {'full':>7} {'aligned':>8} {'x cudnn':>8} "
+            f"{'bits':>6} {'TB/s':>6} {'%copy':>6}")
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
              "-" * len(head)]
     fmt = lambda v: f"{v:7.3f}" if v else "    n/a"  # noqa: E731
@@ -191,7 +215,8 @@ def format_table(rows, copy_bw) -> str:
         t = r["ms"]
         lines.append(
             f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
-            f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))} {fmt(t.get('akv_full'))} "
+            f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))} {fmt(t.get('akv_full_v1'))} "
+            f"{fmt(t.get('akv_aligned_v1'))} {fmt(t.get('akv_full'))} "
             f"{fmt(t.get('akv_aligned')):>8} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "
             f"{r.get('aligned_bandwidth_TBps', 0):6.2f} "
@@ -227,12 +252,15 @@ def main(argv=None) -> int:
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 60 << 20)
     copy_bw = copy_bandwidth(torch)
-    rng = np.random.default_rng(2409_16546)
+    rng = torch.Generator(device="cuda")
+    rng.manual_seed(240916546)
     rows = []
     for shape, b, c in grid:
         t0 = time.time()
         rows.append(bench_case(torch, shape, b, c, SEED_RULE, copy_bw, l2, args.reps, rng))
-        print(f"  {shape} B={b} ctx={c}: {rows[-1]['ms']} ({time.time() - t0:.1f} s)",
+        ms = {k: round(v, 4) for k, v in rows[-1]["ms"].items() if v}
+        phases = {k: round(v, 4) for k, v in rows[-1]["phase_ms"].items()}
+        print(f"  {shape} B={b} ctx={c}: {ms} phases {phases} ({time.time() - t0:.1f} s)",
               flush=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "copy_bandwidth_Bps": copy_bw, "rule": SEED_RULE.name,

@@ -9,6 +9,8 @@ call reaches this module.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import driver
@@ -20,6 +22,10 @@ SCORE_THREADS = 128
 ESTIMATE_THREADS = 256
 VALUE_THREADS = 128
 ADVANCE_THREADS = 128
+#: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2); $AKV_DECODE_VERSION
+#: picks one for benchmarks and tests.
+DECODE_VERSIONS = (1, 2)
+DEFAULT_DECODE_VERSION = 2
 
 
 def resolve_stream(stream, info) -> int:
@@ -46,20 +52,19 @@ class CudaBackend:
         self.device_name = (f"{self.dev.name} (compute capability "
                             f"{self.dev.compute_capability[0]}.{self.dev.compute_capability[1]}, "
                             f"cubin {self.module.arch})")
-        D = cache.head_dim
         fn = self.module.function
         self.k_append = fn("akv_append")
         self.k_advance = fn("akv_advance")
-        self.k_scores = fn(f"akv_decode_scores_d{D}")
         self.k_estimate = fn("akv_decode_estimate")
-        self.k_values = fn(f"akv_decode_values_d{D}")
         self.k_combine = fn("akv_decode_combine")
+        self.set_decode_version(int(os.environ.get("AKV_DECODE_VERSION",
+                                                   DEFAULT_DECODE_VERSION)))
 
         layout = cache.layout
         self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}
         self._plane_buffer, self.planes = allocate_arrays(
             self.dev, {n: (layout.plane_shape(n), np.uint8) for n in PLANE_NAMES})
-        specs = dict(Workspace(cache.batch_size, cache.num_query_heads, D,
+        specs = dict(Workspace(cache.batch_size, cache.num_query_heads, cache.head_dim,
                                cache.blocks_per_sequence).shapes())
         specs["lengths"] = ((cache.num_layers, cache.batch_size), np.int32)
         specs["block_table"] = (cache.block_table.shape, np.int32)
@@ -68,6 +73,17 @@ class CudaBackend:
         driver.copy_to_device(self.ws["block_table"].ptr, cache.block_table)
         self._debug_buffer = None
         self._debug = None
+
+    def set_decode_version(self, version: int) -> None:
+        """Use decode kernels of ``version`` (1 or 2; same numerics, different speed)."""
+        if version not in DECODE_VERSIONS:
+            raise ValueError(f"decode version: expected one of {DECODE_VERSIONS}, got {version}")
+        D, G = self.cache.head_dim, self.cache.num_query_heads // self.cache.num_kv_heads
+        fn = self.module.function
+        suffix = f"d{D}" if version == 1 else f"v2_d{D}_g{G}"
+        self.k_scores = fn(f"akv_decode_scores_{suffix}")
+        self.k_values = fn(f"akv_decode_values_{suffix}")
+        self.decode_version = version
 
     # ------------------------------------------------------------------ helpers
     def check_device(self, name, info):
@@ -108,45 +124,60 @@ class CudaBackend:
 
     # ------------------------------------------------------------------ attend
     def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug):
-        cache = self.cache
         s = resolve_stream(stream, q_info)
-        B, Hq, D = q_info.shape
-        Hk, G, bps = cache.num_kv_heads, Hq // cache.num_kv_heads, cache.blocks_per_sequence
-        nblk = blocks_for(int(cache._lengths[layer].max()))
         if out_info is None:
             out_obj, out_ptr = self._new_output(q_info)
         else:
             out_obj, out_ptr = out_info.obj, out_info.ptr
-        counters = self.ws["counters"].ptr if count else 0
         k_map = v_map = 0
         if debug:
             k_map, v_map = self._debug_maps(s)
-        full = 1 if mode == "full" else 0
-        ws = self.ws
-        lengths = ptr(self._lengths_ptr(layer))
-        table = ptr(ws["block_table"].ptr)
-        p = lambda n: ptr(self._plane_ptr(n, layer))  # noqa: E731
-        driver.launch(self.k_scores, (nblk, Hk, B), (SCORE_THREADS,), [
-            ptr(q_info.ptr), ctypes_i64(q_info.strides[0]), ctypes_i64(q_info.strides[1]),
-            lengths, table, i32(bps), p("k_hi"), p("k_mid"), p("k_lo"), p("k_exp_max"),
-            i32(Hk), i32(G), f32(1.0 / np.sqrt(D)), i32(full),
-            i32(rule.k_thresholds[0]), i32(rule.k_thresholds[1]),
-            ptr(ws["scores"].ptr), ptr(ws["block_max"].ptr), ptr(ws["block_sum"].ptr),
-            ptr(ws["block_arg"].ptr), ptr(counters), ptr(k_map)], s)
-        driver.launch(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,), [
-            lengths, table, i32(bps), p("v_hi"), i32(Hk), i32(G), i32(D), i32(rule.topk),
-            ptr(ws["block_max"].ptr), ptr(ws["block_sum"].ptr), ptr(ws["block_arg"].ptr),
-            ptr(ws["stats"].ptr), ptr(ws["o_est"].ptr), ptr(counters)], s)
-        driver.launch(self.k_values, (nblk, Hk, B), (VALUE_THREADS,), [
-            lengths, table, i32(bps), p("v_hi"), p("v_mid"), p("v_lo"), p("v_exp_max"),
-            i32(Hk), i32(G), i32(full), i32(rule.v_thresholds[0]), i32(rule.v_thresholds[1]),
-            i32(rule.v_bias), ptr(ws["scores"].ptr), ptr(ws["stats"].ptr),
-            ptr(ws["o_est"].ptr), ptr(ws["partial"].ptr), ptr(counters), ptr(v_map)], s)
-        driver.launch(self.k_combine, (Hq, B), (D,), [
-            lengths, i32(bps), i32(Hq), i32(D), ptr(ws["partial"].ptr), ptr(out_ptr)], s)
+        for _, launch in self.decode_phases(layer, q_info, out_ptr, mode, rule, s, count,
+                                            k_map, v_map):
+            launch()
         if not debug:
             return out_obj
         return out_obj, self._debug_info(layer, s)
+
+    def decode_phases(self, layer, q_info, out_ptr, mode, rule, stream, count=False,
+                      k_map=0, v_map=0) -> list:
+        """The four decode launches as ``(name, callable)`` in order (DESIGN.md section 5).
+
+        :meth:`attend` runs them all; the benchmark also times each alone (each reads only
+        what earlier phases left in the workspace, so repeating one is harmless).
+        """
+        cache = self.cache
+        B, Hq, D = q_info.shape
+        Hk, G, bps = cache.num_kv_heads, Hq // cache.num_kv_heads, cache.blocks_per_sequence
+        nblk = blocks_for(int(cache._lengths[layer].max()))
+        counters = ptr(self.ws["counters"].ptr if count else 0)
+        full = i32(1 if mode == "full" else 0)
+        ws = {n: ptr(a.ptr) for n, a in self.ws.items()}
+        lengths = ptr(self._lengths_ptr(layer))
+        p = {n: ptr(self._plane_ptr(n, layer)) for n in PLANE_NAMES}
+        scores = [ptr(q_info.ptr), ctypes_i64(q_info.strides[0]),
+                  ctypes_i64(q_info.strides[1]), lengths, ws["block_table"], i32(bps),
+                  p["k_hi"], p["k_mid"], p["k_lo"], p["k_exp_max"], i32(Hk), i32(G),
+                  f32(1.0 / np.sqrt(D)), full, i32(rule.k_thresholds[0]),
+                  i32(rule.k_thresholds[1]), ws["scores"], ws["block_max"], ws["block_sum"],
+                  ws["block_arg"], counters, ptr(k_map)]
+        estimate = [lengths, ws["block_table"], i32(bps), p["v_hi"], i32(Hk), i32(G), i32(D),
+                    i32(rule.topk), ws["block_max"], ws["block_sum"], ws["block_arg"],
+                    ws["stats"], ws["o_est"], counters]
+        values = [lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
+                  p["v_exp_max"], i32(Hk), i32(G), full, i32(rule.v_thresholds[0]),
+                  i32(rule.v_thresholds[1]), i32(rule.v_bias), ws["scores"], ws["stats"],
+                  ws["o_est"], ws["partial"], counters, ptr(v_map)]
+        combine = [lengths, i32(bps), i32(Hq), i32(D), ws["partial"], ptr(out_ptr)]
+        return [
+            ("scores", lambda: driver.launch(self.k_scores, (nblk, Hk, B), (SCORE_THREADS,),
+                                             scores, stream)),
+            ("estimate", lambda: driver.launch(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,),
+                                               estimate, stream)),
+            ("values", lambda: driver.launch(self.k_values, (nblk, Hk, B), (VALUE_THREADS,),
+                                             values, stream)),
+            ("combine", lambda: driver.launch(self.k_combine, (Hq, B), (D,), combine, stream)),
+        ]
 
     def _new_output(self, q_info):
         if q_info.is_torch:

@@ -272,10 +272,14 @@ AKV_SCORES_ENTRY(128)
 // akv_decode_estimate: grid (Hq, B); block 256 threads. For one query head:
 //  1. m = max of the block maxima, l = sum_j block_sum_j * exp(block_max_j - m) (fixed order).
 //  2. The approximate top-k: the `topk` blocks with the largest block maximum (ties to the
-//     lower block), picked one per round in that order (reference.estimate_blocks).
-//  3. O_est[d] = sum over those blocks' arg-max tokens j of p_j * |v_jd at tier 8|,
-//     p_j = exp(s_j - m) / l; thread d reads the hi byte of channel d.
+//     lower block, reference.estimate_blocks). Each block's rank (how many blocks come
+//     before it in that order) is counted in parallel; rank r < topk is selection slot r.
+//  3. O_est[d] = sum over the slots in order of p_j * |v_jd at tier 8| for the slot's arg-max
+//     token j, p_j = exp(s_j - m) / l; thread d reads the hi byte of channel d of each row
+//     (the rows' addresses are resolved first, so the loads are independent).
 constexpr int kEstimateThreads = 256;
+constexpr int kEstimateSmemBlocks = 4096;   // block maxima kept on chip up to 256k tokens
+constexpr int kMaxTopk = 1024;
 
 extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estimate(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
@@ -283,20 +287,27 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
     const float* __restrict__ block_max, const float* __restrict__ block_sum,
     const int* __restrict__ block_arg, float* __restrict__ stats, float* __restrict__ o_est,
     unsigned long long* __restrict__ counters) {
+  __shared__ float s_bmax[kEstimateSmemBlocks];
   __shared__ float s_fred[kEstimateThreads / 32];
-  __shared__ int s_ired[kEstimateThreads / 32];
+  __shared__ int s_sel[kMaxTopk];
+  __shared__ float s_p[kMaxTopk];
+  __shared__ long long s_row[kMaxTopk];
   __shared__ float s_m, s_l;
-  __shared__ int s_sel;
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5, num_warps = kEstimateThreads / 32;
   const int num_q_heads = num_kv_heads * group, D = head_dim;
   const int nblk = (lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS;
   const long long row = ((long long)b * num_q_heads + hq) * blocks_per_seq;
-  const float* bmax = block_max + row;
+  const bool on_chip = nblk <= kEstimateSmemBlocks;
+  const float* bmax = on_chip ? s_bmax : block_max + row;
 
   // 1. global max and sum
   float m = -INFINITY;
-  for (int j = tid; j < nblk; j += kEstimateThreads) m = fmaxf(m, bmax[j]);
+  for (int j = tid; j < nblk; j += kEstimateThreads) {
+    const float v = block_max[row + j];
+    if (on_chip) s_bmax[j] = v;
+    m = fmaxf(m, v);
+  }
   m = akv_warp_max(m);
   if (lane == 0) s_fred[warp] = m;
   __syncthreads();
@@ -321,66 +332,40 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
     stats[((long long)b * num_q_heads + hq) * 2 + 0] = m;
     stats[((long long)b * num_q_heads + hq) * 2 + 1] = ll;
   }
+  const int k = min(min(topk, kMaxTopk), nblk);
+  for (int r = tid; r < k; r += kEstimateThreads) s_sel[r] = 0;
   __syncthreads();
   l = s_l;
 
-  // 2-3. top-k blocks by maximum, in order; accumulate the estimate
-  const int h = hq / group;
-  const int k = min(topk, nblk);
-  float prev_v = INFINITY;
-  int prev_j = -1;
-  float acc0 = 0.f;  // channel tid (D <= 256)
-  for (int r = 0; r < k; ++r) {
-    // best (value desc, index asc) strictly after (prev_v, prev_j) in that order
-    float best_v = -INFINITY;
-    int best_j = 0x7fffffff;
-    for (int j = tid; j < nblk; j += kEstimateThreads) {
-      const float vj = bmax[j];
-      const bool after = vj < prev_v || (vj == prev_v && j > prev_j);
-      if (after && (vj > best_v || (vj == best_v && j < best_j))) {
-        best_v = vj;
-        best_j = j;
-      }
+  // 2. rank of every block in (value desc, index asc) order; ranks < k are the slots
+  for (int j = tid; j < nblk; j += kEstimateThreads) {
+    const float v = bmax[j];
+    int rank = 0;
+    for (int i = 0; i < nblk && rank < k; ++i) {
+      const float u = bmax[i];
+      rank += (u > v) || (u == v && i < j);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best_v, o);
-      const int oj = __shfl_xor_sync(0xffffffffu, best_j, o);
-      if (ov > best_v || (ov == best_v && oj < best_j)) {
-        best_v = ov;
-        best_j = oj;
-      }
-    }
-    if (lane == 0) {
-      s_fred[warp] = best_v;
-      s_ired[warp] = best_j;
-    }
-    __syncthreads();
-    if (tid == 0) {
-      float bv = s_fred[0];
-      int bj = s_ired[0];
-      for (int w = 1; w < num_warps; ++w)
-        if (s_fred[w] > bv || (s_fred[w] == bv && s_ired[w] < bj)) {
-          bv = s_fred[w];
-          bj = s_ired[w];
-        }
-      s_sel = bj;
-    }
-    __syncthreads();
-    const int j = s_sel;
-    prev_v = bmax[j];
-    prev_j = j;
-    const int tok = block_arg[row + j];
-    const float p = expf(prev_v - m) / l;
-    const int phys = block_table[(long long)b * blocks_per_seq + tok / AKV_BLOCK_TOKENS];
-    if (tid < D) {
-      const uint8_t* vrow =
-          v_hi + (((long long)phys * num_kv_heads + h) * AKV_BLOCK_TOKENS + tok % AKV_BLOCK_TOKENS) * D;
-      acc0 += p * fabsf(akv_bits_to_float(akv_join_bits(vrow[tid], 0, 0, 8)));
-    }
-    __syncthreads();
+    if (rank < k) s_sel[rank] = j;
   }
-  if (tid < D) o_est[((long long)b * num_q_heads + hq) * D + tid] = acc0;
+  __syncthreads();
+
+  // 3. the estimate over the slots, in slot order
+  const int h = hq / group;
+  for (int r = tid; r < k; r += kEstimateThreads) {
+    const int j = s_sel[r];
+    const int tok = block_arg[row + j];
+    const int phys = block_table[(long long)b * blocks_per_seq + tok / AKV_BLOCK_TOKENS];
+    s_p[r] = expf(bmax[j] - m) / l;
+    s_row[r] = (((long long)phys * num_kv_heads + h) * AKV_BLOCK_TOKENS + tok % AKV_BLOCK_TOKENS) * D;
+  }
+  __syncthreads();
+  if (tid < D) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < k; ++r)
+      acc += s_p[r] * fabsf(akv_bits_to_float(akv_join_bits(v_hi[s_row[r] + tid], 0, 0, 8)));
+    o_est[((long long)b * num_q_heads + hq) * D + tid] = acc;
+  }
   if (counters && tid == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(k * D));
 }
 
@@ -560,3 +545,24 @@ extern "C" __global__ void akv_decode_combine(const int* __restrict__ lengths,
   for (; j < nblk; ++j) a0 += p[(long long)j * D];
   out[((long long)b * num_q_heads + hq) * D + d] = __float2half_rn((a0 + a1) + (a2 + a3));
 }
+
+// ------------------------------------------------------------------ decode, version 2
+// 16-byte loads, GQA group size as a template parameter (see akv_decode_v2.cuh); the
+// estimate and combine kernels above serve both versions.
+#include "akv_decode_v2.cuh"
+AKV2_ENTRIES(64, 1)
+AKV2_ENTRIES(64, 2)
+AKV2_ENTRIES(64, 3)
+AKV2_ENTRIES(64, 4)
+AKV2_ENTRIES(64, 5)
+AKV2_ENTRIES(64, 6)
+AKV2_ENTRIES(64, 7)
+AKV2_ENTRIES(64, 8)
+AKV2_ENTRIES(128, 1)
+AKV2_ENTRIES(128, 2)
+AKV2_ENTRIES(128, 3)
+AKV2_ENTRIES(128, 4)
+AKV2_ENTRIES(128, 5)
+AKV2_ENTRIES(128, 6)
+AKV2_ENTRIES(128, 7)
+AKV2_ENTRIES(128, 8)

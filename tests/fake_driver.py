@@ -19,14 +19,17 @@ def parse_kernel_signatures(source: str) -> dict:
     included) to its parameter kinds: 'ptr' (8 bytes), 'i64', 'i32' or 'f32'."""
     text = source.replace("\\\n", "\n")
     sigs = {}
-    macro_bodies = {}
-    for m in re.finditer(r"#define\s+(\w+)\((\w+)\)(.*?)(?=\n\w|\n#define|\Z)", text, re.S):
-        macro_bodies[m.group(1)] = (m.group(2), m.group(3))
+    macros = {}
+    for m in re.finditer(r"#define\s+(\w+)\(([\w\s,]+)\)(.*?)(?=\n\w|\n#define|\Z)", text, re.S):
+        macros[m.group(1)] = ([p.strip() for p in m.group(2).split(",")], m.group(3))
     expanded = text
-    for name, (param, body) in macro_bodies.items():
-        for inst in re.finditer(rf"^{name}\((\w+)\)", text, re.M):
-            expanded += "\n" + body.replace(f"##{param}", inst.group(1)).replace(
-                f"{param}", inst.group(1))
+    for name, (params, body) in macros.items():
+        for inst in re.finditer(rf"^{name}\(([^)]*)\)", text, re.M):
+            values = [v.strip() for v in inst.group(1).split(",")]
+            out = body
+            for p, v in zip(params, values):
+                out = re.sub(rf"##{p}\b|\b{p}\b", v, out)
+            expanded += "\n" + out.replace("##", "")
     for m in re.finditer(r'extern "C" __global__ void(?:\s+__launch_bounds__\(\w+\))?\s+'
                          r"(akv_\w+)\((.*?)\)\s*\{", expanded, re.S):
         kinds = []
@@ -44,6 +47,12 @@ def parse_kernel_signatures(source: str) -> dict:
                 raise ValueError(f"unparsed parameter {p!r} of {m.group(1)}")
         sigs[m.group(1)] = kinds
     return sigs
+
+
+def cuda_sources() -> str:
+    """All of cuda/: headers first (they define the entry-point macros), then .cu files."""
+    files = sorted(CUDA_ROOT.glob("*.cuh")) + sorted(CUDA_ROOT.glob("*.cu"))
+    return "\n".join(f.read_text() for f in files)
 
 
 _CTYPES = {"ptr": ctypes.c_uint64, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
@@ -99,7 +108,7 @@ class FakeDriver:
         self.launches = []
         self.allocations = {}
         self.loaded_images = []
-        self.signatures = parse_kernel_signatures((CUDA_ROOT / "akv.cu").read_text())
+        self.signatures = parse_kernel_signatures(cuda_sources())
 
     def _result(self, name, *values):
         if name in self.fail:

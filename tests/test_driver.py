@@ -11,7 +11,7 @@ from akv_runtime.arrays import ArrayInfo
 from akv_runtime.cache import AlignedKVCache
 from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES, PlaneLayout
 
-from fake_driver import CUresult, FakeDriver, parse_kernel_signatures, CUDA_ROOT
+from fake_driver import CUresult, FakeDriver, cuda_sources, parse_kernel_signatures
 
 
 @pytest.fixture
@@ -112,10 +112,14 @@ def test_pack_args_round_trips_through_void_pointers():
 
 
 def test_signatures_parse_every_entry_point():
-    sigs = parse_kernel_signatures((CUDA_ROOT / "akv.cu").read_text())
+    sigs = parse_kernel_signatures(cuda_sources())
     assert {"akv_append", "akv_advance", "akv_decode_scores_d64", "akv_decode_scores_d128",
             "akv_decode_estimate", "akv_decode_values_d64", "akv_decode_values_d128",
             "akv_decode_combine"} <= set(sigs)
+    for D in (64, 128):
+        for G in range(1, 9):     # version 2: one instantiation per head size and GQA group
+            assert sigs[f"akv_decode_scores_v2_d{D}_g{G}"] == sigs[f"akv_decode_scores_d{D}"]
+            assert sigs[f"akv_decode_values_v2_d{D}_g{G}"] == sigs[f"akv_decode_values_d{D}"]
 
 
 def _info(shape, strides, ptr, dtype=np.float16):
@@ -156,8 +160,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     fake.launches.clear()
     backend.attend(1, q, out, "aligned", cache.rule, 0x77, False, False)
     names = [x["name"] for x in fake.launches]
-    assert names == ["akv_decode_scores_d64", "akv_decode_estimate", "akv_decode_values_d64",
-                     "akv_decode_combine"]
+    assert names == ["akv_decode_scores_v2_d64_g3", "akv_decode_estimate",
+                     "akv_decode_values_v2_d64_g3", "akv_decode_combine"]
     scores, estimate, values, combine = fake.launches
     nblk = -(-S // BLOCK_TOKENS)
     assert scores["grid"] == (nblk, Hk, B) and values["grid"] == (nblk, Hk, B)
@@ -170,4 +174,11 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     backend.attend(1, q, out, "full", cache.rule, 0, True, False)
     assert fake.launches[-4]["args"][13] == 1
     assert fake.launches[-4]["args"][-2] == backend.ws["counters"].ptr
+    backend.set_decode_version(1)
+    backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
+    assert [x["name"] for x in fake.launches[-4:]] == [
+        "akv_decode_scores_d64", "akv_decode_estimate", "akv_decode_values_d64",
+        "akv_decode_combine"]
+    with pytest.raises(ValueError, match="decode version"):
+        backend.set_decode_version(3)
     cache.close()
