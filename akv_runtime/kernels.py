@@ -22,10 +22,14 @@ SCORE_THREADS = 128
 ESTIMATE_THREADS = 256
 VALUE_THREADS = 128
 ADVANCE_THREADS = 128
-#: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2); $AKV_DECODE_VERSION
-#: picks one for benchmarks and tests.
-DECODE_VERSIONS = (1, 2)
-DEFAULT_DECODE_VERSION = 2
+#: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
+#: 3); $AKV_DECODE_VERSION picks one for benchmarks and tests. docs/perf-notes.md compares them.
+DECODE_VERSIONS = (1, 2, 3)
+DEFAULT_DECODE_VERSION = 3
+#: Version 3: most blocks one CTA serves (kMaxSplit in akv_decode_v3.cuh), and the CTAs per
+#: multiprocessor the split size aims to keep busy.
+MAX_SPLIT_BLOCKS = 8
+TARGET_CTAS_PER_SM = 8
 
 
 def resolve_stream(stream, info) -> int:
@@ -80,10 +84,18 @@ class CudaBackend:
             raise ValueError(f"decode version: expected one of {DECODE_VERSIONS}, got {version}")
         D, G = self.cache.head_dim, self.cache.num_query_heads // self.cache.num_kv_heads
         fn = self.module.function
-        suffix = f"d{D}" if version == 1 else f"v2_d{D}_g{G}"
+        suffix = f"d{D}" if version == 1 else f"v{version}_d{D}_g{G}"
         self.k_scores = fn(f"akv_decode_scores_{suffix}")
         self.k_values = fn(f"akv_decode_values_{suffix}")
         self.decode_version = version
+
+    def split_blocks(self, nblk: int, num_kv_heads: int, batch: int) -> int:
+        """Blocks per CTA: 1 for versions 1-2; for version 3 as many as keep about
+        TARGET_CTAS_PER_SM CTAs per multiprocessor busy, at most MAX_SPLIT_BLOCKS."""
+        if self.decode_version < 3:
+            return 1
+        target = self.dev.multiprocessors * TARGET_CTAS_PER_SM
+        return max(1, min(MAX_SPLIT_BLOCKS, -(-nblk * num_kv_heads * batch // target)))
 
     # ------------------------------------------------------------------ helpers
     def check_device(self, name, info):
@@ -150,6 +162,9 @@ class CudaBackend:
         B, Hq, D = q_info.shape
         Hk, G, bps = cache.num_kv_heads, Hq // cache.num_kv_heads, cache.blocks_per_sequence
         nblk = blocks_for(int(cache._lengths[layer].max()))
+        split = self.split_blocks(nblk, Hk, B)
+        splits = -(-nblk // split)
+        extra = [i32(split)] if self.decode_version >= 3 else []
         counters = ptr(self.ws["counters"].ptr if count else 0)
         full = i32(1 if mode == "full" else 0)
         ws = {n: ptr(a.ptr) for n, a in self.ws.items()}
@@ -159,22 +174,22 @@ class CudaBackend:
                   ctypes_i64(q_info.strides[1]), lengths, ws["block_table"], i32(bps),
                   p["k_hi"], p["k_mid"], p["k_lo"], p["k_exp_max"], i32(Hk), i32(G),
                   f32(1.0 / np.sqrt(D)), full, i32(rule.k_thresholds[0]),
-                  i32(rule.k_thresholds[1]), ws["scores"], ws["block_max"], ws["block_sum"],
+                  i32(rule.k_thresholds[1]), *extra, ws["scores"], ws["block_max"], ws["block_sum"],
                   ws["block_arg"], counters, ptr(k_map)]
         estimate = [lengths, ws["block_table"], i32(bps), p["v_hi"], i32(Hk), i32(G), i32(D),
                     i32(rule.topk), ws["block_max"], ws["block_sum"], ws["block_arg"],
                     ws["stats"], ws["o_est"], counters]
         values = [lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
                   p["v_exp_max"], i32(Hk), i32(G), full, i32(rule.v_thresholds[0]),
-                  i32(rule.v_thresholds[1]), i32(rule.v_bias), ws["scores"], ws["stats"],
+                  i32(rule.v_thresholds[1]), i32(rule.v_bias), *extra, ws["scores"], ws["stats"],
                   ws["o_est"], ws["partial"], counters, ptr(v_map)]
-        combine = [lengths, i32(bps), i32(Hq), i32(D), ws["partial"], ptr(out_ptr)]
+        combine = [lengths, i32(bps), i32(Hq), i32(D), i32(split), ws["partial"], ptr(out_ptr)]
         return [
-            ("scores", lambda: driver.launch(self.k_scores, (nblk, Hk, B), (SCORE_THREADS,),
+            ("scores", lambda: driver.launch(self.k_scores, (splits, Hk, B), (SCORE_THREADS,),
                                              scores, stream)),
             ("estimate", lambda: driver.launch(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,),
                                                estimate, stream)),
-            ("values", lambda: driver.launch(self.k_values, (nblk, Hk, B), (VALUE_THREADS,),
+            ("values", lambda: driver.launch(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
                                              values, stream)),
             ("combine", lambda: driver.launch(self.k_combine, (Hq, B), (D,), combine, stream)),
         ]

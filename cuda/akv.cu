@@ -525,14 +525,17 @@ AKV_VALUES_ENTRY(128)
 
 // --------------------------------------------------------------------- decode: combine
 // akv_decode_combine: grid (Hq, B); block D threads. out[b, hq, d] = fp16(sum over the
-// sequence's blocks of partial[b, hq, j, d]), four running sums in a fixed order.
+// sequence's splits of partial[b, hq, j, d]), four running sums in a fixed order. A split is
+// `split_blocks` blocks (1 for versions 1 and 2).
 extern "C" __global__ void akv_decode_combine(const int* __restrict__ lengths,
                                               int blocks_per_seq, int num_q_heads,
-                                              int head_dim, const float* __restrict__ partial,
+                                              int head_dim, int split_blocks,
+                                              const float* __restrict__ partial,
                                               __half* __restrict__ out) {
   const int hq = blockIdx.x, b = blockIdx.y, d = threadIdx.x, D = head_dim;
   if (d >= D) return;
-  const int nblk = (lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS;
+  const int nblk = ((lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS + split_blocks - 1) /
+                   split_blocks;
   const float* p = partial + ((long long)b * num_q_heads + hq) * blocks_per_seq * D + d;
   float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
   int j = 0;
@@ -566,3 +569,23 @@ AKV2_ENTRIES(128, 5)
 AKV2_ENTRIES(128, 6)
 AKV2_ENTRIES(128, 7)
 AKV2_ENTRIES(128, 8)
+
+// ------------------------------------------------------------------ decode, version 3
+// Splits of several blocks per CTA (see akv_decode_v3.cuh).
+#include "akv_decode_v3.cuh"
+AKV3_ENTRIES(64, 1)
+AKV3_ENTRIES(64, 2)
+AKV3_ENTRIES(64, 3)
+AKV3_ENTRIES(64, 4)
+AKV3_ENTRIES(64, 5)
+AKV3_ENTRIES(64, 6)
+AKV3_ENTRIES(64, 7)
+AKV3_ENTRIES(64, 8)
+AKV3_ENTRIES(128, 1)
+AKV3_ENTRIES(128, 2)
+AKV3_ENTRIES(128, 3)
+AKV3_ENTRIES(128, 4)
+AKV3_ENTRIES(128, 5)
+AKV3_ENTRIES(128, 6)
+AKV3_ENTRIES(128, 7)
+AKV3_ENTRIES(128, 8)

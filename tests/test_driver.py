@@ -117,9 +117,13 @@ def test_signatures_parse_every_entry_point():
             "akv_decode_estimate", "akv_decode_values_d64", "akv_decode_values_d128",
             "akv_decode_combine"} <= set(sigs)
     for D in (64, 128):
-        for G in range(1, 9):     # version 2: one instantiation per head size and GQA group
+        for G in range(1, 9):     # versions 2, 3: one instantiation per head size and group
             assert sigs[f"akv_decode_scores_v2_d{D}_g{G}"] == sigs[f"akv_decode_scores_d{D}"]
             assert sigs[f"akv_decode_values_v2_d{D}_g{G}"] == sigs[f"akv_decode_values_d{D}"]
+            v1s, v1v = sigs[f"akv_decode_scores_d{D}"], sigs[f"akv_decode_values_d{D}"]
+            # version 3 adds split_blocks (int) after the thresholds / the bias
+            assert sigs[f"akv_decode_scores_v3_d{D}_g{G}"] == v1s[:16] + ["i32"] + v1s[16:]
+            assert sigs[f"akv_decode_values_v3_d{D}_g{G}"] == v1v[:13] + ["i32"] + v1v[13:]
 
 
 def _info(shape, strides, ptr, dtype=np.float16):
@@ -160,11 +164,16 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     fake.launches.clear()
     backend.attend(1, q, out, "aligned", cache.rule, 0x77, False, False)
     names = [x["name"] for x in fake.launches]
-    assert names == ["akv_decode_scores_v2_d64_g3", "akv_decode_estimate",
-                     "akv_decode_values_v2_d64_g3", "akv_decode_combine"]
+    assert names == ["akv_decode_scores_v3_d64_g3", "akv_decode_estimate",
+                     "akv_decode_values_v3_d64_g3", "akv_decode_combine"]
     scores, estimate, values, combine = fake.launches
     nblk = -(-S // BLOCK_TOKENS)
+    split = backend.split_blocks(nblk, Hk, B)
+    assert split == 1                         # 2 blocks x 3 heads x 2 sequences: no splitting
+    assert backend.split_blocks(512, 32, 8) == 8 and backend.split_blocks(64, 32, 1) == 2
     assert scores["grid"] == (nblk, Hk, B) and values["grid"] == (nblk, Hk, B)
+    assert scores["args"][16] == split and values["args"][13] == split
+    assert combine["args"][4] == split
     assert estimate["grid"] == (Hq, B, 1) and combine["grid"] == (Hq, B, 1)
     assert all(x["stream"] == 0x77 for x in fake.launches)
     assert scores["args"][0] == 0x30000 and combine["args"][-1] == 0x40000
@@ -179,6 +188,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert [x["name"] for x in fake.launches[-4:]] == [
         "akv_decode_scores_d64", "akv_decode_estimate", "akv_decode_values_d64",
         "akv_decode_combine"]
+    assert fake.launches[-1]["args"][4] == 1   # one block per split before version 3
     with pytest.raises(ValueError, match="decode version"):
-        backend.set_decode_version(3)
+        backend.set_decode_version(4)
     cache.close()

@@ -1,0 +1,390 @@
+// Decode kernels, version 3: version 2's loads and arithmetic, but each CTA serves a split of
+// up to kMaxSplit consecutive blocks of one (sequence, KV head). Everything a block needs
+// before its plane loads (block table entry, exponent maxima, tiers, weights) is fetched for
+// the whole split at once in the prologue, so the chain of dependent global loads is paid
+// once per split instead of once per block, and the next block's planes are loaded while the
+// current one is reduced (scores) or computed (values). The values kernel keeps one partial
+// output per split, so the combine step reads `split_blocks` times fewer partials.
+// Numerics: the same tiers and the same per-block statistics as versions 1 and 2; the output
+// differs only in fp32 summation order.
+#pragma once
+#include "akv_decode_v2.cuh"
+
+namespace akv3 {
+
+using akv2::kFull;
+using akv2::rs_step;
+using akv2::tier_words;
+using akv2::unpack16;
+constexpr int kMaxSplit = 8;
+
+template <int R>
+struct Planes {
+  uint4 hi[R];
+  uint2 mid[R], lo[R];
+  int tier[R];
+};
+
+// ------------------------------------------------------------------------------- scores
+// Grid (splits, Hk, B), 128 threads; split s covers blocks s*S .. s*S+S-1 of sequence b.
+// Lane mapping per block as in version 2.
+template <int D, int G>
+__device__ __forceinline__ void scores(
+    const __half* __restrict__ q, long long q_sb, long long q_sh,
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ k_hi, const uint8_t* __restrict__ k_mid,
+    const uint8_t* __restrict__ k_lo, const uint8_t* __restrict__ k_exp, int num_kv_heads,
+    float scale, int full_mode, int t8, int t12, int split_blocks,
+    float* __restrict__ scores_out, float* __restrict__ block_max,
+    float* __restrict__ block_sum, int* __restrict__ block_arg,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map) {
+  constexpr int T = AKV_BLOCK_TOKENS, ROUNDS = D / 32, N = 16 * G, KEEP = N / 8;
+  __shared__ float s_q[G][D];
+  __shared__ int s_eq[G][D];
+  __shared__ uint8_t s_kexp[kMaxSplit][D];
+  __shared__ uint8_t s_tier[kMaxSplit][D];
+  __shared__ int s_phys[kMaxSplit];
+  __shared__ int s_amax[kMaxSplit][G];
+  __shared__ float s_part[4][4][N];
+  __shared__ float s_score[G][T];
+
+  const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  const int nblk = (n + T - 1) / T;
+  const int first = blockIdx.x * split_blocks;
+  if (first >= nblk) return;
+  const int count = min(split_blocks, nblk - first);
+  const long long qhead = (long long)b * num_kv_heads * G + (long long)h * G;
+
+  // prologue: q, the split's physical blocks and exponent maxima, then all its tiers
+  for (int i = tid; i < D; i += 128) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const __half qh = q[b * q_sb + (long long)(h * G + g) * q_sh + i];
+      s_q[g][i] = __half2float(qh);
+      s_eq[g][i] = max((__half_as_ushort(qh) >> 10) & 0x1F, 1);
+    }
+  }
+  if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
+  __syncthreads();
+  for (int idx = tid; idx < count * D; idx += 128) {
+    const int j = idx / D, i = idx % D;
+    s_kexp[j][i] = k_exp[((long long)s_phys[j] * num_kv_heads + h) * D + i];
+  }
+  __syncthreads();
+  for (int jg = warp; jg < count * G; jg += 4) {
+    const int j = jg / G, g = jg % G;
+    int m = 0;
+    for (int i = lane; i < D; i += 32) m = max(m, s_eq[g][i] + s_kexp[j][i]);
+    m = akv_warp_max_int(m);
+    if (lane == 0) s_amax[j][g] = m;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < count * D; idx += 128) {
+    const int j = idx / D, i = idx % D;
+    const int ek = s_kexp[j][i];
+    int tier = 8;
+    if (full_mode || ek == AKV_SPECIAL_EXPONENT) {
+      tier = 16;
+    } else {
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+        tier = max(tier, akv_tier_from_gap(s_amax[j][g] - (s_eq[g][i] + ek), t8, t12));
+    }
+    s_tier[j][i] = tier;
+    if (k_tier_map)
+      k_tier_map[(((long long)b * num_kv_heads + h) * blocks_per_seq + first + j) * D + i] = tier;
+  }
+  __syncthreads();
+  if (counters && warp == 0) {
+    int n12 = 0, n16 = 0;
+    for (int idx = lane; idx < count * D; idx += 32) {
+      const int tr = s_tier[idx / D][idx % D];
+      n12 += tr >= 12;
+      n16 += tr >= 16;
+    }
+    n12 = akv_warp_sum_int(n12);
+    n16 = akv_warp_sum_int(n16);
+    if (lane == 0) {
+      atomicAdd(&counters[AKV_K_HI], (unsigned long long)(T * D * count));
+      atomicAdd(&counters[AKV_K_MID], (unsigned long long)(T / 2 * n12));
+      atomicAdd(&counters[AKV_K_LO], (unsigned long long)(T / 2 * n16));
+      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
+      atomicAdd(&counters[AKV_VALUES],
+                (unsigned long long)((min(n, (first + count) * T) - first * T) * D));
+    }
+  }
+
+  const int tq = lane & 3, cs = lane >> 2;
+  Planes<ROUNDS> buf;
+  auto load = [&](int j) {
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      const int c = r * 32 + warp * 8 + cs;
+      const long long row = head * D + c;
+      buf.tier[r] = s_tier[j][c];
+      buf.hi[r] = *reinterpret_cast<const uint4*>(k_hi + row * T + 16 * tq);
+      buf.mid[r] = make_uint2(0u, 0u);
+      buf.lo[r] = make_uint2(0u, 0u);
+      if (buf.tier[r] >= 12)
+        buf.mid[r] = *reinterpret_cast<const uint2*>(k_mid + row * (T / 2) + 8 * tq);
+      if (buf.tier[r] >= 16)
+        buf.lo[r] = *reinterpret_cast<const uint2*>(k_lo + row * (T / 2) + 8 * tq);
+    }
+  };
+  load(0);
+  for (int j = 0; j < count; ++j) {
+    const int blk = first + j;
+    float acc[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) acc[k] = 0.f;
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      const int c = r * 32 + warp * 8 + cs;
+      uint2 mid = buf.mid[r], lo = buf.lo[r];
+      tier_words(buf.tier[r], mid, lo);
+      float kv[16];
+      unpack16(buf.hi[r], mid, lo, kv);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float qv = s_q[g][c];
+#pragma unroll
+        for (int t = 0; t < 16; ++t) acc[g * 16 + t] = fmaf(qv, kv[t], acc[g * 16 + t]);
+      }
+    }
+    if (j + 1 < count) load(j + 1);   // in flight while this block is reduced
+    int base = 0;
+    rs_step<N, N>(acc, 4, lane, base);
+    rs_step<N, N / 2>(acc, 8, lane, base);
+    rs_step<N, N / 4>(acc, 16, lane, base);
+#pragma unroll
+    for (int k = 0; k < KEEP; ++k) s_part[warp][tq][base + k] = acc[k];
+    __syncthreads();
+    for (int idx = tid; idx < G * T; idx += 128) {
+      const int g = idx / T, t = idx % T;
+      const int slice = t / 16, v = g * 16 + t % 16;
+      float s = ((s_part[0][slice][v] + s_part[1][slice][v]) + s_part[2][slice][v]) +
+                s_part[3][slice][v];
+      s *= scale;
+      const int tok = blk * T + t;
+      const bool valid = tok < n;
+      s_score[g][t] = valid ? s : -INFINITY;
+      if (valid) scores_out[(qhead + g) * ((long long)blocks_per_seq * T) + tok] = s;
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += 4) {
+      const float s0 = s_score[g][lane], s1 = s_score[g][lane + 32];
+      const float m = akv_warp_max(fmaxf(s0, s1));
+      int arg = s0 == m ? lane : (s1 == m ? lane + 32 : T);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) arg = min(arg, __shfl_xor_sync(kFull, arg, o));
+      float e = (s0 == -INFINITY ? 0.f : expf(s0 - m)) + (s1 == -INFINITY ? 0.f : expf(s1 - m));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(kFull, e, o);
+      if (lane == 0) {
+        const long long at = (qhead + g) * blocks_per_seq + blk;
+        block_max[at] = m;
+        block_sum[at] = e;
+        block_arg[at] = blk * T + (arg < T ? arg : 0);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- values
+// Grid (splits, Hk, B), 128 threads. Prologue: reference exponents r per (block, head), then
+// weights and tiers of all the split's tokens into shared memory. Main loop: two register
+// buffers, the next block's planes loaded before the current block is accumulated.
+// partial[b, hq, split, :] receives the split's sum.
+template <int D, int G>
+__device__ __forceinline__ void values(
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
+    const uint8_t* __restrict__ v_lo, const uint8_t* __restrict__ v_exp, int num_kv_heads,
+    int full_mode, int t8, int t12, int bias, int split_blocks,
+    const float* __restrict__ scores_in, const float* __restrict__ stats,
+    const float* __restrict__ o_est, float* __restrict__ partial,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map) {
+  constexpr int T = AKV_BLOCK_TOKENS, SLICES = D / 16, TPW = 32 / SLICES;
+  constexpr int ROUNDS = T / (4 * TPW), N = 16 * G;
+  constexpr int STEPS = TPW == 4 ? 2 : 3;
+  constexpr int KEEP = N >> STEPS;
+  __shared__ int s_eo[G][D];
+  __shared__ uint8_t s_vexp[kMaxSplit][D];
+  __shared__ int s_phys[kMaxSplit];
+  __shared__ int s_r[kMaxSplit][G];
+  __shared__ int s_special[kMaxSplit];
+  __shared__ float s_p[G][kMaxSplit * T];
+  __shared__ uint8_t s_tier[kMaxSplit * T];
+  __shared__ float s_part[4][SLICES][N];
+
+  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  const int nblk = (n + T - 1) / T;
+  const int first = split * split_blocks;
+  if (first >= nblk) return;
+  const int count = min(split_blocks, nblk - first);
+  const int num_q_heads = num_kv_heads * G;
+  const long long qhead = (long long)b * num_q_heads + (long long)h * G;
+
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int g = idx / D, d = idx % D;
+    s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
+  }
+  if (tid < count) {
+    s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
+    s_special[tid] = 0;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < count * D; idx += 128) {
+    const int j = idx / D, d = idx % D;
+    const int ev = v_exp[((long long)s_phys[j] * num_kv_heads + h) * D + d];
+    s_vexp[j][d] = ev;
+    if (ev == AKV_SPECIAL_EXPONENT) s_special[j] = 1;
+  }
+  __syncthreads();
+  for (int jg = warp; jg < count * G; jg += 4) {
+    const int j = jg / G, g = jg % G;
+    int r = 0x7fffffff;
+    for (int d = lane; d < D; d += 32) {
+      const int ev = s_vexp[j][d];
+      r = min(r, s_eo[g][d] - ((ev < 1 ? 1 : ev) - 15));
+    }
+    r = akv_warp_min_int(r);
+    if (lane == 0) s_r[j][g] = r + bias;
+  }
+  __syncthreads();
+  for (int t = tid; t < count * T; t += 128) {
+    const int j = t / T, tok = first * T + t;
+    const bool valid = tok < n;
+    int tier = 8;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float p = 0.f;
+      if (valid) {
+        const float s = scores_in[(qhead + g) * ((long long)blocks_per_seq * T) + tok];
+        p = expf(s - stats[(qhead + g) * 2]) / stats[(qhead + g) * 2 + 1];
+      }
+      s_p[g][t] = p;
+      tier = max(tier, akv_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p), t8, t12));
+    }
+    if (full_mode || s_special[j]) tier = 16;
+    s_tier[t] = valid ? tier : 0;
+    if (v_tier_map && valid)
+      v_tier_map[((long long)b * num_kv_heads + h) * ((long long)blocks_per_seq * T) + tok] = tier;
+  }
+  __syncthreads();
+  if (counters && warp == 0) {
+    int n8 = 0, n12 = 0, n16 = 0;
+    for (int t = lane; t < count * T; t += 32) {
+      const int tr = s_tier[t];
+      n8 += tr > 0;
+      n12 += tr >= 12;
+      n16 += tr >= 16;
+    }
+    n8 = akv_warp_sum_int(n8);
+    n12 = akv_warp_sum_int(n12);
+    n16 = akv_warp_sum_int(n16);
+    if (lane == 0) {
+      atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
+      atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
+      atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
+      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
+    }
+  }
+
+  const int cs = lane % SLICES, tw = lane / SLICES;
+  auto load = [&](Planes<ROUNDS>& p, int j) {
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+    const uint8_t* vhi = v_hi + head * T * D;
+    const uint8_t* vmid = v_mid + head * T * (D / 2);
+    const uint8_t* vlo = v_lo + head * T * (D / 2);
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      const int t = r * 4 * TPW + warp * TPW + tw;
+      p.tier[r] = s_tier[j * T + t];
+      p.hi[r] = make_uint4(0u, 0u, 0u, 0u);
+      p.mid[r] = make_uint2(0u, 0u);
+      p.lo[r] = make_uint2(0u, 0u);
+      if (p.tier[r] > 0) p.hi[r] = *reinterpret_cast<const uint4*>(vhi + t * D + 16 * cs);
+      if (p.tier[r] >= 12)
+        p.mid[r] = *reinterpret_cast<const uint2*>(vmid + t * (D / 2) + 8 * cs);
+      if (p.tier[r] >= 16)
+        p.lo[r] = *reinterpret_cast<const uint2*>(vlo + t * (D / 2) + 8 * cs);
+    }
+  };
+  float acc[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) acc[k] = 0.f;
+  auto accumulate = [&](Planes<ROUNDS>& p, int j) {
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      if (p.tier[r] == 0) continue;
+      const int t = j * T + r * 4 * TPW + warp * TPW + tw;
+      uint2 mid = p.mid[r], lo = p.lo[r];
+      tier_words(p.tier[r], mid, lo);
+      float vv[16];
+      unpack16(p.hi[r], mid, lo, vv);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float w = s_p[g][t];
+#pragma unroll
+        for (int k = 0; k < 16; ++k) acc[g * 16 + k] = fmaf(w, vv[k], acc[g * 16 + k]);
+      }
+    }
+  };
+  Planes<ROUNDS> a, c;
+  load(a, 0);
+  for (int j = 0; j < count; j += 2) {
+    if (j + 1 < count) load(c, j + 1);
+    accumulate(a, j);
+    if (j + 2 < count) load(a, j + 2);
+    if (j + 1 < count) accumulate(c, j + 1);
+  }
+  int base = 0;
+  if (STEPS == 3) {
+    rs_step<N, N>(acc, 4, lane, base);
+    rs_step<N, N / 2>(acc, 8, lane, base);
+    rs_step<N, N / 4>(acc, 16, lane, base);
+  } else {
+    rs_step<N, N>(acc, 8, lane, base);
+    rs_step<N, N / 2>(acc, 16, lane, base);
+  }
+#pragma unroll
+  for (int k = 0; k < KEEP; ++k) s_part[warp][cs][base + k] = acc[k];
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int g = idx / D, d = idx % D;
+    const int slice = d / 16, v = g * 16 + d % 16;
+    const float o = ((s_part[0][slice][v] + s_part[1][slice][v]) + s_part[2][slice][v]) +
+                    s_part[3][slice][v];
+    partial[((qhead + g) * blocks_per_seq + split) * D + d] = o;
+  }
+}
+
+}  // namespace akv3
+
+#define AKV3_ENTRIES(D, G)                                                                   \
+  extern "C" __global__ void __launch_bounds__(128) akv_decode_scores_v3_d##D##_g##G(       \
+      const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
+      const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
+      const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
+      int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
+      float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
+    akv3::scores<D, G>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
+                       k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12, split_blocks,   \
+                       scores, block_max, block_sum, block_arg, counters, k_tier_map);       \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(128) akv_decode_values_v3_d##D##_g##G(       \
+      const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
+      const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
+      int group, int full_mode, int t8, int t12, int bias, int split_blocks,                 \
+      const float* scores, const float* stats, const float* o_est, float* partial,           \
+      unsigned long long* counters, uint8_t* v_tier_map) {                                   \
+    akv3::values<D, G>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
+                       num_kv_heads, full_mode, t8, t12, bias, split_blocks, scores, stats,  \
+                       o_est, partial, counters, v_tier_map);                                \
+  }
