@@ -90,7 +90,7 @@ def copy_bandwidth(torch, nbytes: int = 2 << 30) -> float:
 
 
 def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng,
-               versions=(1, 2, 3)):
+               versions=(1, 2, 3, 4)):
     from .cache import AlignedKVCache
     from .reference import bits_per_value
     Hq, Hk, D = SHAPES[shape_name]
@@ -213,7 +213,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
 
 def format_table(rows, copy_bw) -> str:
     head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7} "
-            f"{'algn v1':>7} {'full v2':>7} {'algn v2':>7} {'full':>7} {'aligned':>8} "
+            f"{'algn v1':>7} {'algn v2':>7} {'algn v3':>7} {'full':>7} {'aligned':>8} "
             f"{'x cudnn':>8} {'x eager':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6}")
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
              "-" * len(head)]
@@ -223,7 +223,7 @@ def format_table(rows, copy_bw) -> str:
         lines.append(
             f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
             f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))} {fmt(t.get('akv_aligned_v1'))} "
-            f"{fmt(t.get('akv_full_v2'))} {fmt(t.get('akv_aligned_v2'))} {fmt(t.get('akv_full'))} "
+            f"{fmt(t.get('akv_aligned_v2'))} {fmt(t.get('akv_aligned_v3'))} {fmt(t.get('akv_full'))} "
             f"{fmt(t.get('akv_aligned')):>8} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
             f"{(t['eager'] / t['akv_aligned']) if t.get('eager') and t.get('akv_aligned') else 0:8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "

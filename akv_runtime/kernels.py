@@ -23,9 +23,11 @@ ESTIMATE_THREADS = 256
 VALUE_THREADS = 128
 ADVANCE_THREADS = 128
 #: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
-#: 3); $AKV_DECODE_VERSION picks one for benchmarks and tests. docs/perf-notes.md compares them.
-DECODE_VERSIONS = (1, 2, 3)
-DEFAULT_DECODE_VERSION = 3
+#: 3 and 4); $AKV_DECODE_VERSION picks one for benchmarks and tests. docs/perf-notes.md
+#: compares them. Version 4 exists for GQA groups up to 4; larger groups run version 3.
+DECODE_VERSIONS = (1, 2, 3, 4)
+DEFAULT_DECODE_VERSION = 4
+MAX_GROUP_V4 = 4
 #: Version 3: most blocks one CTA serves (kMaxSplit in akv_decode_v3.cuh), and the CTAs per
 #: multiprocessor the split size aims to keep busy.
 MAX_SPLIT_BLOCKS = 8
@@ -83,6 +85,8 @@ class CudaBackend:
         if version not in DECODE_VERSIONS:
             raise ValueError(f"decode version: expected one of {DECODE_VERSIONS}, got {version}")
         D, G = self.cache.head_dim, self.cache.num_query_heads // self.cache.num_kv_heads
+        if version == 4 and G > MAX_GROUP_V4:
+            version = 3
         fn = self.module.function
         suffix = f"d{D}" if version == 1 else f"v{version}_d{D}_g{G}"
         self.k_scores = fn(f"akv_decode_scores_{suffix}")

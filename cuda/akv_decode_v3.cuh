@@ -7,6 +7,11 @@
 // output per split, so the combine step reads `split_blocks` times fewer partials.
 // Numerics: the same tiers and the same per-block statistics as versions 1 and 2; the output
 // differs only in fp32 summation order.
+//
+// Version 4 is the same code with STAGED = true: the planes go global -> shared memory with
+// cp.async (16 bytes per thread-instruction, only the rows a tier needs) in a two-stage
+// pipeline, so the bytes in flight do not occupy registers and more CTAs fit per SM. Its
+// stages need 2*T*D bytes each, so it is instantiated for GQA groups up to 4.
 #pragma once
 #include "akv_decode_v2.cuh"
 
@@ -18,6 +23,20 @@ using akv2::tier_words;
 using akv2::unpack16;
 constexpr int kMaxSplit = 8;
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most one group (more == true) or none is still in flight.
+__device__ __forceinline__ void cp_async_wait(bool more) {
+  if (more) {
+    asm volatile("cp.async.wait_group 1;\n" ::);
+  } else {
+    asm volatile("cp.async.wait_group 0;\n" ::);
+  }
+}
+
 template <int R>
 struct Planes {
   uint4 hi[R];
@@ -28,7 +47,7 @@ struct Planes {
 // ------------------------------------------------------------------------------- scores
 // Grid (splits, Hk, B), 128 threads; split s covers blocks s*S .. s*S+S-1 of sequence b.
 // Lane mapping per block as in version 2.
-template <int D, int G>
+template <int D, int G, bool STAGED>
 __device__ __forceinline__ void scores(
     const __half* __restrict__ q, long long q_sb, long long q_sh,
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
@@ -47,6 +66,8 @@ __device__ __forceinline__ void scores(
   __shared__ int s_amax[kMaxSplit][G];
   __shared__ float s_part[4][4][N];
   __shared__ float s_score[G][T];
+  // STAGED: two stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes
+  __shared__ __align__(16) uint8_t s_stage[STAGED ? 2 : 1][STAGED ? 2 * D * T : 16];
 
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -118,6 +139,7 @@ __device__ __forceinline__ void scores(
 
   const int tq = lane & 3, cs = lane >> 2;
   Planes<ROUNDS> buf;
+  // register path: the planes of block j straight into buf
   auto load = [&](int j) {
     const long long head = (long long)s_phys[j] * num_kv_heads + h;
 #pragma unroll
@@ -134,9 +156,53 @@ __device__ __forceinline__ void scores(
         buf.lo[r] = *reinterpret_cast<const uint2*>(k_lo + row * (T / 2) + 8 * tq);
     }
   };
-  load(0);
+  // staged path: block j's rows (as its tiers ask) into stage j % 2, then stage -> buf
+  auto issue = [&](int j) {
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+    uint8_t* st = s_stage[j % 2];
+    for (int ch = tid; ch < D * 4; ch += 128) {       // hi: 4 chunks of 16 B per channel
+      const int c = ch >> 2, part = ch & 3;
+      cp_async16(st + c * T + part * 16, k_hi + (head * D + c) * T + part * 16);
+    }
+    for (int ch = tid; ch < D * 2; ch += 128) {       // mid, lo: 2 chunks per channel
+      const int c = ch >> 1, part = ch & 1, tier = s_tier[j][c];
+      if (tier >= 12)
+        cp_async16(st + D * T + c * (T / 2) + part * 16,
+                   k_mid + (head * D + c) * (T / 2) + part * 16);
+      if (tier >= 16)
+        cp_async16(st + D * T + D * (T / 2) + c * (T / 2) + part * 16,
+                   k_lo + (head * D + c) * (T / 2) + part * 16);
+    }
+    cp_async_commit();
+  };
+  auto from_stage = [&](int j) {
+    const uint8_t* st = s_stage[j % 2];
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      const int c = r * 32 + warp * 8 + cs;
+      buf.tier[r] = s_tier[j][c];
+      buf.hi[r] = *reinterpret_cast<const uint4*>(st + c * T + 16 * tq);
+      buf.mid[r] = make_uint2(0u, 0u);
+      buf.lo[r] = make_uint2(0u, 0u);
+      if (buf.tier[r] >= 12)
+        buf.mid[r] = *reinterpret_cast<const uint2*>(st + D * T + c * (T / 2) + 8 * tq);
+      if (buf.tier[r] >= 16)
+        buf.lo[r] = *reinterpret_cast<const uint2*>(st + D * T + D * (T / 2) + c * (T / 2) + 8 * tq);
+    }
+  };
+  if constexpr (STAGED) {
+    issue(0);
+    if (count > 1) issue(1);
+  } else {
+    load(0);
+  }
   for (int j = 0; j < count; ++j) {
     const int blk = first + j;
+    if constexpr (STAGED) {
+      cp_async_wait(j + 1 < count);
+      __syncthreads();
+      from_stage(j);
+    }
     float acc[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) acc[k] = 0.f;
@@ -154,7 +220,9 @@ __device__ __forceinline__ void scores(
         for (int t = 0; t < 16; ++t) acc[g * 16 + t] = fmaf(qv, kv[t], acc[g * 16 + t]);
       }
     }
-    if (j + 1 < count) load(j + 1);   // in flight while this block is reduced
+    if constexpr (!STAGED) {
+      if (j + 1 < count) load(j + 1);   // in flight while this block is reduced
+    }
     int base = 0;
     rs_step<N, N>(acc, 4, lane, base);
     rs_step<N, N / 2>(acc, 8, lane, base);
@@ -162,6 +230,9 @@ __device__ __forceinline__ void scores(
 #pragma unroll
     for (int k = 0; k < KEEP; ++k) s_part[warp][tq][base + k] = acc[k];
     __syncthreads();
+    if constexpr (STAGED) {
+      if (j + 2 < count) issue(j + 2);   // every thread has read stage j % 2 by now
+    }
     for (int idx = tid; idx < G * T; idx += 128) {
       const int g = idx / T, t = idx % T;
       const int slice = t / 16, v = g * 16 + t % 16;
@@ -198,7 +269,7 @@ __device__ __forceinline__ void scores(
 // weights and tiers of all the split's tokens into shared memory. Main loop: two register
 // buffers, the next block's planes loaded before the current block is accumulated.
 // partial[b, hq, split, :] receives the split's sum.
-template <int D, int G>
+template <int D, int G, bool STAGED>
 __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
@@ -218,7 +289,11 @@ __device__ __forceinline__ void values(
   __shared__ int s_special[kMaxSplit];
   __shared__ float s_p[G][kMaxSplit * T];
   __shared__ uint8_t s_tier[kMaxSplit * T];
-  __shared__ float s_part[4][SLICES][N];
+  // STAGED: two stages of [hi T*D | mid T*D/2 | lo T*D/2] bytes; the final reduction reuses
+  // them. Otherwise a plain array for the reduction.
+  constexpr int STAGE = 2 * T * D, PART = 4 * SLICES * N * 4;
+  __shared__ __align__(16) uint8_t s_mem[STAGED ? (2 * STAGE > PART ? 2 * STAGE : PART) : PART];
+  auto s_part = reinterpret_cast<float(*)[SLICES][N]>(s_mem);
 
   const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -336,13 +411,59 @@ __device__ __forceinline__ void values(
       }
     }
   };
-  Planes<ROUNDS> a, c;
-  load(a, 0);
-  for (int j = 0; j < count; j += 2) {
-    if (j + 1 < count) load(c, j + 1);
-    accumulate(a, j);
-    if (j + 2 < count) load(a, j + 2);
-    if (j + 1 < count) accumulate(c, j + 1);
+  if constexpr (STAGED) {
+    auto issue = [&](int j) {
+      const long long head = (long long)s_phys[j] * num_kv_heads + h;
+      uint8_t* st = s_mem + (j % 2) * STAGE;
+      for (int ch = tid; ch < T * D / 16; ch += 128) {     // hi: D/16 chunks per token
+        const int t = ch / (D / 16), part = ch % (D / 16);
+        if (s_tier[j * T + t] > 0)
+          cp_async16(st + t * D + part * 16, v_hi + (head * T + t) * D + part * 16);
+      }
+      for (int ch = tid; ch < T * D / 32; ch += 128) {     // mid, lo: D/32 chunks per token
+        const int t = ch / (D / 32), part = ch % (D / 32), tier = s_tier[j * T + t];
+        if (tier >= 12)
+          cp_async16(st + T * D + t * (D / 2) + part * 16,
+                     v_mid + (head * T + t) * (D / 2) + part * 16);
+        if (tier >= 16)
+          cp_async16(st + T * D + T * (D / 2) + t * (D / 2) + part * 16,
+                     v_lo + (head * T + t) * (D / 2) + part * 16);
+      }
+      cp_async_commit();
+    };
+    Planes<ROUNDS> a;
+    issue(0);
+    if (count > 1) issue(1);
+    for (int j = 0; j < count; ++j) {
+      cp_async_wait(j + 1 < count);
+      __syncthreads();
+      const uint8_t* st = s_mem + (j % 2) * STAGE;
+#pragma unroll
+      for (int r = 0; r < ROUNDS; ++r) {
+        const int t = r * 4 * TPW + warp * TPW + tw;
+        a.tier[r] = s_tier[j * T + t];
+        a.hi[r] = *reinterpret_cast<const uint4*>(st + t * D + 16 * cs);
+        a.mid[r] = make_uint2(0u, 0u);
+        a.lo[r] = make_uint2(0u, 0u);
+        if (a.tier[r] >= 12)
+          a.mid[r] = *reinterpret_cast<const uint2*>(st + T * D + t * (D / 2) + 8 * cs);
+        if (a.tier[r] >= 16)
+          a.lo[r] = *reinterpret_cast<const uint2*>(st + T * D + T * (D / 2) + t * (D / 2) + 8 * cs);
+      }
+      __syncthreads();                  // stage j % 2 is free again
+      if (j + 2 < count) issue(j + 2);
+      accumulate(a, j);
+    }
+    __syncthreads();                    // the stages become the reduction buffer
+  } else {
+    Planes<ROUNDS> a, c;
+    load(a, 0);
+    for (int j = 0; j < count; j += 2) {
+      if (j + 1 < count) load(c, j + 1);
+      accumulate(a, j);
+      if (j + 2 < count) load(a, j + 2);
+      if (j + 1 < count) accumulate(c, j + 1);
+    }
   }
   int base = 0;
   if (STEPS == 3) {
@@ -367,24 +488,24 @@ __device__ __forceinline__ void values(
 
 }  // namespace akv3
 
-#define AKV3_ENTRIES(D, G)                                                                   \
-  extern "C" __global__ void __launch_bounds__(128) akv_decode_scores_v3_d##D##_g##G(       \
+#define AKV3_ENTRIES(V, STAGED, D, G)                                                        \
+  extern "C" __global__ void __launch_bounds__(128) akv_decode_scores_v##V##_d##D##_g##G(   \
       const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
       const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
       const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
       int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
       float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
-    akv3::scores<D, G>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
+    akv3::scores<D, G, STAGED>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
                        k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12, split_blocks,   \
                        scores, block_max, block_sum, block_arg, counters, k_tier_map);       \
   }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(128) akv_decode_values_v3_d##D##_g##G(       \
+  extern "C" __global__ void __launch_bounds__(128) akv_decode_values_v##V##_d##D##_g##G(   \
       const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
       const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
       int group, int full_mode, int t8, int t12, int bias, int split_blocks,                 \
       const float* scores, const float* stats, const float* o_est, float* partial,           \
       unsigned long long* counters, uint8_t* v_tier_map) {                                   \
-    akv3::values<D, G>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
+    akv3::values<D, G, STAGED>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
                        num_kv_heads, full_mode, t8, t12, bias, split_blocks, scores, stats,  \
                        o_est, partial, counters, v_tier_map);                                \
   }

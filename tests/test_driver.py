@@ -124,6 +124,11 @@ def test_signatures_parse_every_entry_point():
             # version 3 adds split_blocks (int) after the thresholds / the bias
             assert sigs[f"akv_decode_scores_v3_d{D}_g{G}"] == v1s[:16] + ["i32"] + v1s[16:]
             assert sigs[f"akv_decode_values_v3_d{D}_g{G}"] == v1v[:13] + ["i32"] + v1v[13:]
+            if G <= 4:            # version 4 (staged): same parameters as version 3
+                assert sigs[f"akv_decode_scores_v4_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
+                assert sigs[f"akv_decode_values_v4_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
+            else:
+                assert f"akv_decode_scores_v4_d{D}_g{G}" not in sigs
 
 
 def _info(shape, strides, ptr, dtype=np.float16):
@@ -164,8 +169,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     fake.launches.clear()
     backend.attend(1, q, out, "aligned", cache.rule, 0x77, False, False)
     names = [x["name"] for x in fake.launches]
-    assert names == ["akv_decode_scores_v3_d64_g3", "akv_decode_estimate",
-                     "akv_decode_values_v3_d64_g3", "akv_decode_combine"]
+    assert names == ["akv_decode_scores_v4_d64_g3", "akv_decode_estimate",
+                     "akv_decode_values_v4_d64_g3", "akv_decode_combine"]
     scores, estimate, values, combine = fake.launches
     nblk = -(-S // BLOCK_TOKENS)
     split = backend.split_blocks(nblk, Hk, B)
@@ -190,5 +195,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
         "akv_decode_combine"]
     assert fake.launches[-1]["args"][4] == 1   # one block per split before version 3
     with pytest.raises(ValueError, match="decode version"):
-        backend.set_decode_version(4)
+        backend.set_decode_version(5)
     cache.close()
+    # version 4 has no kernels for GQA groups above 4: such caches run version 3
+    big_group = AlignedKVCache(1, 1, 128, 64, num_query_heads=8, backend="cuda")
+    assert big_group._backend.decode_version == 3

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True, params=[1, 2, 3], ids=["v1", "v2", "v3"])
+@pytest.fixture(autouse=True, params=[1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
 def decode_version(request, monkeypatch):
     """Every GPU test runs against both decode kernel versions."""
     monkeypatch.setenv("AKV_DECODE_VERSION", str(request.param))
