@@ -133,8 +133,9 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     candidates = [("sdpa_cudnn", None, lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
                   ("sdpa_flash", None, lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
                   ("eager", None, eager)]
+    from .kernels import DEFAULT_DECODE_VERSION
     for version in versions:
-        tag = "" if version == versions[-1] else f"_v{version}"
+        tag = "" if version == DEFAULT_DECODE_VERSION else f"_v{version}"
         candidates += [(f"akv_full{tag}", version, ours("full")),
                        (f"akv_aligned{tag}", version, ours("aligned"))]
     times = {}
@@ -147,6 +148,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
             times[name] = None
             result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
     result["ms"] = times
+    cache._backend.set_decode_version(DEFAULT_DECODE_VERSION)
     # each decode phase alone (aligned mode, default kernels), to place the time
     from .arrays import describe
     q_infos = [describe(q, "q") for q in qs]
@@ -213,7 +215,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
 
 def format_table(rows, copy_bw) -> str:
     head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7} "
-            f"{'algn v1':>7} {'algn v2':>7} {'algn v3':>7} {'full':>7} {'aligned':>8} "
+            f"{'algn v1':>7} {'algn v2':>7} {'algn v4':>7} {'full':>7} {'aligned':>8} "
             f"{'x cudnn':>8} {'x eager':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6}")
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
              "-" * len(head)]
@@ -223,7 +225,7 @@ def format_table(rows, copy_bw) -> str:
         lines.append(
             f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
             f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))} {fmt(t.get('akv_aligned_v1'))} "
-            f"{fmt(t.get('akv_aligned_v2'))} {fmt(t.get('akv_aligned_v3'))} {fmt(t.get('akv_full'))} "
+            f"{fmt(t.get('akv_aligned_v2'))} {fmt(t.get('akv_aligned_v4'))} {fmt(t.get('akv_full'))} "
             f"{fmt(t.get('akv_aligned')):>8} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
             f"{(t['eager'] / t['akv_aligned']) if t.get('eager') and t.get('akv_aligned') else 0:8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "

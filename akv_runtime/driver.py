@@ -264,6 +264,13 @@ def select_arch(built_archs, compute_capability: tuple) -> str:
         f"architectures: {built}. Build one with `{BUILD_HINT.format(cc=f'{major}{minor}')}`")
 
 
+def set_max_dynamic_shared(function, nbytes: int) -> None:
+    """Allow ``function`` up to ``nbytes`` of dynamic shared memory (above the default 48 KB
+    a kernel must opt in)."""
+    attr = _cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    check(_cu.cuFuncSetAttribute(function, attr, int(nbytes)), "cuFuncSetAttribute")
+
+
 class Module:
     """A loaded cubin and its kernels."""
 

@@ -26,8 +26,11 @@ ADVANCE_THREADS = 128
 #: 3 and 4); $AKV_DECODE_VERSION picks one for benchmarks and tests. docs/perf-notes.md
 #: compares them. Version 4 exists for GQA groups up to 4; larger groups run version 3.
 DECODE_VERSIONS = (1, 2, 3, 4)
-DEFAULT_DECODE_VERSION = 4
+DEFAULT_DECODE_VERSION = 3
 MAX_GROUP_V4 = 4
+#: Version 4's pipeline stages (scores, values) per head_dim; cuda/akv.cu instantiates the
+#: same numbers. A stage holds one block's three planes: 2 * 64 * head_dim bytes.
+STAGES_V4 = {128: (4, 6), 64: (6, 8)}
 #: Version 3: most blocks one CTA serves (kMaxSplit in akv_decode_v3.cuh), and the CTAs per
 #: multiprocessor the split size aims to keep busy.
 MAX_SPLIT_BLOCKS = 8
@@ -91,6 +94,14 @@ class CudaBackend:
         suffix = f"d{D}" if version == 1 else f"v{version}_d{D}_g{G}"
         self.k_scores = fn(f"akv_decode_scores_{suffix}")
         self.k_values = fn(f"akv_decode_values_{suffix}")
+        self.scores_smem = self.values_smem = 0
+        if version == 4:
+            stage = 2 * BLOCK_TOKENS * D
+            score_stages, value_stages = STAGES_V4[D]
+            self.scores_smem = score_stages * stage
+            self.values_smem = max(value_stages * stage, 4 * (D // 16) * 16 * G * 4)
+            driver.set_max_dynamic_shared(self.k_scores, self.scores_smem)
+            driver.set_max_dynamic_shared(self.k_values, self.values_smem)
         self.decode_version = version
 
     def split_blocks(self, nblk: int, num_kv_heads: int, batch: int) -> int:
@@ -190,11 +201,11 @@ class CudaBackend:
         combine = [lengths, i32(bps), i32(Hq), i32(D), i32(split), ws["partial"], ptr(out_ptr)]
         return [
             ("scores", lambda: driver.launch(self.k_scores, (splits, Hk, B), (SCORE_THREADS,),
-                                             scores, stream)),
+                                             scores, stream, self.scores_smem)),
             ("estimate", lambda: driver.launch(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,),
                                                estimate, stream)),
             ("values", lambda: driver.launch(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
-                                             values, stream)),
+                                             values, stream, self.values_smem)),
             ("combine", lambda: driver.launch(self.k_combine, (Hq, B), (D,), combine, stream)),
         ]
 

@@ -8,10 +8,12 @@
 // Numerics: the same tiers and the same per-block statistics as versions 1 and 2; the output
 // differs only in fp32 summation order.
 //
-// Version 4 is the same code with STAGED = true: the planes go global -> shared memory with
-// cp.async (16 bytes per thread-instruction, only the rows a tier needs) in a two-stage
-// pipeline, so the bytes in flight do not occupy registers and more CTAs fit per SM. Its
-// stages need 2*T*D bytes each, so it is instantiated for GQA groups up to 4.
+// Version 4 is the same code with STAGES > 0: the planes go global -> shared memory with
+// cp.async (16 bytes per thread-instruction, only the rows a tier needs) through a pipeline of
+// STAGES buffers of 2*T*D bytes in dynamic shared memory (STAGES - 1 blocks in flight per
+// CTA), so the bytes in flight do not occupy registers. Instantiated for GQA groups up to 4.
+// Every iteration commits one cp.async group (empty past the split's end), so
+// `cp.async.wait_group STAGES-2` always means "block j has landed".
 #pragma once
 #include "akv_decode_v2.cuh"
 
@@ -28,14 +30,12 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Wait until at most one group (more == true) or none is still in flight.
-__device__ __forceinline__ void cp_async_wait(bool more) {
-  if (more) {
-    asm volatile("cp.async.wait_group 1;\n" ::);
-  } else {
-    asm volatile("cp.async.wait_group 0;\n" ::);
-  }
+// Wait until at most N groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+extern __shared__ __align__(16) uint8_t akv_dynamic_smem[];
 
 template <int R>
 struct Planes {
@@ -47,7 +47,7 @@ struct Planes {
 // ------------------------------------------------------------------------------- scores
 // Grid (splits, Hk, B), 128 threads; split s covers blocks s*S .. s*S+S-1 of sequence b.
 // Lane mapping per block as in version 2.
-template <int D, int G, bool STAGED>
+template <int D, int G, int STAGES>
 __device__ __forceinline__ void scores(
     const __half* __restrict__ q, long long q_sb, long long q_sh,
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
@@ -66,8 +66,9 @@ __device__ __forceinline__ void scores(
   __shared__ int s_amax[kMaxSplit][G];
   __shared__ float s_part[4][4][N];
   __shared__ float s_score[G][T];
-  // STAGED: two stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes
-  __shared__ __align__(16) uint8_t s_stage[STAGED ? 2 : 1][STAGED ? 2 * D * T : 16];
+  // STAGES > 0: stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes in dynamic shared memory
+  constexpr bool STAGED = STAGES > 0;
+  constexpr int STAGE = 2 * D * T;
 
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -159,7 +160,7 @@ __device__ __forceinline__ void scores(
   // staged path: block j's rows (as its tiers ask) into stage j % 2, then stage -> buf
   auto issue = [&](int j) {
     const long long head = (long long)s_phys[j] * num_kv_heads + h;
-    uint8_t* st = s_stage[j % 2];
+    uint8_t* st = akv_dynamic_smem + (j % (STAGED ? STAGES : 1)) * STAGE;
     for (int ch = tid; ch < D * 4; ch += 128) {       // hi: 4 chunks of 16 B per channel
       const int c = ch >> 2, part = ch & 3;
       cp_async16(st + c * T + part * 16, k_hi + (head * D + c) * T + part * 16);
@@ -173,10 +174,9 @@ __device__ __forceinline__ void scores(
         cp_async16(st + D * T + D * (T / 2) + c * (T / 2) + part * 16,
                    k_lo + (head * D + c) * (T / 2) + part * 16);
     }
-    cp_async_commit();
   };
   auto from_stage = [&](int j) {
-    const uint8_t* st = s_stage[j % 2];
+    const uint8_t* st = akv_dynamic_smem + (j % (STAGED ? STAGES : 1)) * STAGE;
 #pragma unroll
     for (int r = 0; r < ROUNDS; ++r) {
       const int c = r * 32 + warp * 8 + cs;
@@ -191,16 +191,21 @@ __device__ __forceinline__ void scores(
     }
   };
   if constexpr (STAGED) {
-    issue(0);
-    if (count > 1) issue(1);
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+      if (k < count) issue(k);
+      cp_async_commit();
+    }
   } else {
     load(0);
   }
   for (int j = 0; j < count; ++j) {
     const int blk = first + j;
     if constexpr (STAGED) {
-      cp_async_wait(j + 1 < count);
-      __syncthreads();
+      cp_async_wait<(STAGED ? STAGES - 2 : 0)>();
+      __syncthreads();                  // block j landed; stage (j-1) % STAGES is free
+      if (j + STAGES - 1 < count) issue(j + STAGES - 1);
+      cp_async_commit();
       from_stage(j);
     }
     float acc[N];
@@ -230,9 +235,7 @@ __device__ __forceinline__ void scores(
 #pragma unroll
     for (int k = 0; k < KEEP; ++k) s_part[warp][tq][base + k] = acc[k];
     __syncthreads();
-    if constexpr (STAGED) {
-      if (j + 2 < count) issue(j + 2);   // every thread has read stage j % 2 by now
-    }
+
     for (int idx = tid; idx < G * T; idx += 128) {
       const int g = idx / T, t = idx % T;
       const int slice = t / 16, v = g * 16 + t % 16;
@@ -269,7 +272,7 @@ __device__ __forceinline__ void scores(
 // weights and tiers of all the split's tokens into shared memory. Main loop: two register
 // buffers, the next block's planes loaded before the current block is accumulated.
 // partial[b, hq, split, :] receives the split's sum.
-template <int D, int G, bool STAGED>
+template <int D, int G, int STAGES>
 __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
@@ -289,10 +292,13 @@ __device__ __forceinline__ void values(
   __shared__ int s_special[kMaxSplit];
   __shared__ float s_p[G][kMaxSplit * T];
   __shared__ uint8_t s_tier[kMaxSplit * T];
-  // STAGED: two stages of [hi T*D | mid T*D/2 | lo T*D/2] bytes; the final reduction reuses
-  // them. Otherwise a plain array for the reduction.
+  // STAGES > 0: stages of [hi T*D | mid T*D/2 | lo T*D/2] bytes in dynamic shared memory,
+  // reused by the final reduction (which needs PART bytes; the host sizes the dynamic
+  // memory as max(STAGES * STAGE, PART)). Otherwise a static array for the reduction.
+  constexpr bool STAGED = STAGES > 0;
   constexpr int STAGE = 2 * T * D, PART = 4 * SLICES * N * 4;
-  __shared__ __align__(16) uint8_t s_mem[STAGED ? (2 * STAGE > PART ? 2 * STAGE : PART) : PART];
+  __shared__ __align__(16) uint8_t s_static[STAGED ? 16 : PART];
+  uint8_t* s_mem = STAGED ? akv_dynamic_smem : s_static;
   auto s_part = reinterpret_cast<float(*)[SLICES][N]>(s_mem);
 
   const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
@@ -414,7 +420,7 @@ __device__ __forceinline__ void values(
   if constexpr (STAGED) {
     auto issue = [&](int j) {
       const long long head = (long long)s_phys[j] * num_kv_heads + h;
-      uint8_t* st = s_mem + (j % 2) * STAGE;
+      uint8_t* st = s_mem + (j % (STAGED ? STAGES : 1)) * STAGE;
       for (int ch = tid; ch < T * D / 16; ch += 128) {     // hi: D/16 chunks per token
         const int t = ch / (D / 16), part = ch % (D / 16);
         if (s_tier[j * T + t] > 0)
@@ -429,15 +435,19 @@ __device__ __forceinline__ void values(
           cp_async16(st + T * D + T * (D / 2) + t * (D / 2) + part * 16,
                      v_lo + (head * T + t) * (D / 2) + part * 16);
       }
-      cp_async_commit();
     };
     Planes<ROUNDS> a;
-    issue(0);
-    if (count > 1) issue(1);
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+      if (k < count) issue(k);
+      cp_async_commit();
+    }
     for (int j = 0; j < count; ++j) {
-      cp_async_wait(j + 1 < count);
-      __syncthreads();
-      const uint8_t* st = s_mem + (j % 2) * STAGE;
+      cp_async_wait<(STAGED ? STAGES - 2 : 0)>();
+      __syncthreads();                  // block j landed; stage (j-1) % STAGES is free
+      if (j + STAGES - 1 < count) issue(j + STAGES - 1);
+      cp_async_commit();
+      const uint8_t* st = s_mem + (j % (STAGED ? STAGES : 1)) * STAGE;
 #pragma unroll
       for (int r = 0; r < ROUNDS; ++r) {
         const int t = r * 4 * TPW + warp * TPW + tw;
@@ -450,10 +460,9 @@ __device__ __forceinline__ void values(
         if (a.tier[r] >= 16)
           a.lo[r] = *reinterpret_cast<const uint2*>(st + T * D + T * (D / 2) + t * (D / 2) + 8 * cs);
       }
-      __syncthreads();                  // stage j % 2 is free again
-      if (j + 2 < count) issue(j + 2);
       accumulate(a, j);
     }
+    cp_async_wait<0>();
     __syncthreads();                    // the stages become the reduction buffer
   } else {
     Planes<ROUNDS> a, c;
@@ -488,14 +497,14 @@ __device__ __forceinline__ void values(
 
 }  // namespace akv3
 
-#define AKV3_ENTRIES(V, STAGED, D, G)                                                        \
+#define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G)                                                        \
   extern "C" __global__ void __launch_bounds__(128) akv_decode_scores_v##V##_d##D##_g##G(   \
       const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
       const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
       const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
       int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
       float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
-    akv3::scores<D, G, STAGED>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
+    akv3::scores<D, G, SCORE_STAGES>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
                        k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12, split_blocks,   \
                        scores, block_max, block_sum, block_arg, counters, k_tier_map);       \
   }                                                                                          \
@@ -505,7 +514,7 @@ __device__ __forceinline__ void values(
       int group, int full_mode, int t8, int t12, int bias, int split_blocks,                 \
       const float* scores, const float* stats, const float* o_est, float* partial,           \
       unsigned long long* counters, uint8_t* v_tier_map) {                                   \
-    akv3::values<D, G, STAGED>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
+    akv3::values<D, G, VALUE_STAGES>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
                        num_kv_heads, full_mode, t8, t12, bias, split_blocks, scores, stats,  \
                        o_est, partial, counters, v_tier_map);                                \
   }

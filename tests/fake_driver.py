@@ -81,6 +81,10 @@ class CUdevice_attribute(enum.IntEnum):
     CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
 
+class CUfunction_attribute(enum.IntEnum):
+    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
 class _Handle(int):
     pass
 
@@ -98,6 +102,7 @@ class FakeDriver:
 
     CUresult = CUresult
     CUdevice_attribute = CUdevice_attribute
+    CUfunction_attribute = CUfunction_attribute
     CUstream = staticmethod(CUstream)
     CUdeviceptr = staticmethod(CUdeviceptr)
 
@@ -108,6 +113,7 @@ class FakeDriver:
         self.launches = []
         self.allocations = {}
         self.loaded_images = []
+        self.function_attributes = {}
         self.signatures = parse_kernel_signatures(cuda_sources())
 
     def _result(self, name, *values):
@@ -158,12 +164,20 @@ class FakeDriver:
             return (CUresult.CUDA_ERROR_NOT_FOUND, None)
         return self._result("cuModuleGetFunction", name)
 
+    def cuFuncSetAttribute(self, fn, attr, value):
+        self.function_attributes[(fn, CUfunction_attribute(attr).name)] = value
+        return self._result("cuFuncSetAttribute")
+
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         kinds = self.signatures[fn]
+        limit = self.function_attributes.get(
+            (fn, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES"), 48 << 10)
+        if smem > limit:  # the real driver refuses this launch too
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
         slots = (ctypes.c_void_p * len(kinds)).from_address(params)
         values = [_CTYPES[k].from_address(slots[i]).value for i, k in enumerate(kinds)]
         self.launches.append({"name": fn, "grid": (gx, gy, gz), "block": (bx, by, bz),
-                              "stream": int(stream), "args": values})
+                              "stream": int(stream), "args": values, "smem": smem})
         return self._result("cuLaunchKernel")
 
     # memory: host memory stands in for device memory

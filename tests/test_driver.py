@@ -167,6 +167,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     q = _info((B, Hq, D), (Hq * D, D, 1), 0x30000)
     out = _info((B, Hq, D), (Hq * D, D, 1), 0x40000)
     fake.launches.clear()
+    backend.set_decode_version(4)
     backend.attend(1, q, out, "aligned", cache.rule, 0x77, False, False)
     names = [x["name"] for x in fake.launches]
     assert names == ["akv_decode_scores_v4_d64_g3", "akv_decode_estimate",
@@ -181,6 +182,11 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert combine["args"][4] == split
     assert estimate["grid"] == (Hq, B, 1) and combine["grid"] == (Hq, B, 1)
     assert all(x["stream"] == 0x77 for x in fake.launches)
+    # version 4 stages its planes in opted-in dynamic shared memory (head_dim 64: 8 KB stages,
+    # 8 for values, 6 for scores)
+    assert values["smem"] == 8 * 2 * 64 * D and scores["smem"] == 6 * 2 * 64 * D
+    assert fake.function_attributes[(values["name"],
+                                     "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES")] == values["smem"]
     assert scores["args"][0] == 0x30000 and combine["args"][-1] == 0x40000
     assert abs(scores["args"][12] - 1 / np.sqrt(D)) < 1e-7    # scale
     assert scores["args"][13] == 0                             # aligned
@@ -199,4 +205,5 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     cache.close()
     # version 4 has no kernels for GQA groups above 4: such caches run version 3
     big_group = AlignedKVCache(1, 1, 128, 64, num_query_heads=8, backend="cuda")
+    big_group._backend.set_decode_version(4)
     assert big_group._backend.decode_version == 3
