@@ -430,7 +430,10 @@ def run(config: Config, args) -> dict:
             kind = "model"
         except ModelUnavailableError as exc:
             if m.kind == "gguf-smollm2":
-                raise
+                raise ModelUnavailableError(
+                    f"{exc}. Where the model cannot run, replay real q/K/V captured on a "
+                    f"machine that has it (--save-trace there): --trace "
+                    f".trace/smollm2_trace.npz") from exc
             notice = (f"{exc}: running the attention-level workload at {m.name} shapes "
                       f"({m.num_layers} layers, {m.num_query_heads} query / {m.num_kv_heads} "
                       f"KV heads, head_dim {m.head_dim}) with K/V drawn from SmolLM2-measured "
