@@ -127,14 +127,16 @@ def join_planes(hi, mid, lo, tier) -> np.ndarray:
     """
     hi = np.asarray(hi).astype(np.uint16)
     mid = np.asarray(mid).astype(np.uint16)
-    lo = np.asarray(lo).astype(np.uint16)
     tier = np.asarray(tier)
-    special = (hi & 0x7C) == 0x7C
-    full = (hi << 8) | (mid << 4) | lo
-    t12 = (hi << 8) | (mid << 4) | np.where(special, 0, 0x8).astype(np.uint16)
-    t8 = (hi << 8) | np.where(special, 0, 0x80).astype(np.uint16)
-    bits = np.where(tier >= 16, full, np.where(tier >= 12, t12, t8)).astype(np.uint16)
-    return bits.view(np.float16)
+    if tier.ndim == 0 and int(tier) >= 16:
+        return ((hi << 8) | (mid << 4) | np.asarray(lo).astype(np.uint16)).view(np.float16)
+    normal = ((hi & 0x7C) != 0x7C).astype(np.uint16)          # 0 for Inf/NaN: zero refill
+    if tier.ndim == 0 and int(tier) < 12:
+        return ((hi << 8) | (normal << 7)).view(np.float16)
+    lo = np.asarray(lo).astype(np.uint16)
+    low = np.where(tier >= 16, (mid << 4) | lo,
+                   np.where(tier >= 12, (mid << 4) | (normal << 3), normal << 7))
+    return ((hi << 8) | low.astype(np.uint16)).view(np.float16)
 
 
 def pack_nibbles(even, odd) -> np.ndarray:
@@ -457,12 +459,16 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
         result.stats[b, :, 0], result.stats[b, :, 1] = m, l
         # the V-side estimate from the top-k blocks' arg-max tokens (hi plane only)
         vh, vm, vl = _gather_v(planes, blocks)                  # [nblk, Hk, 64, D]
-        v8 = np.abs(join_planes(vh, vm, vl, 8).astype(np.float32))
+        # slots in selection order, per query head: [Hq, k]
+        sel = np.stack([estimate_blocks(bmax[h], rule.topk) for h in range(Hq)])
+        tok = np.take_along_axis(barg, sel, axis=1)                       # [Hq, k]
+        heads = np.arange(Hq)[:, None]
+        hi_rows = vh[sel, heads // G, tok % BLOCK_TOKENS]                # [Hq, k, D]
+        rows = np.abs(join_planes(hi_rows, 0, 0, 8).astype(np.float32))
+        terms = p[heads, tok][..., None] * rows                           # fp32 products
         o_est = np.zeros((Hq, D), np.float32)
-        for h in range(Hq):
-            for blk in estimate_blocks(bmax[h], rule.topk):
-                j = int(barg[h, blk])
-                o_est[h] += p[h, j] * v8[blk, h // G, j % BLOCK_TOKENS]
+        for r in range(sel.shape[1]):                                     # the kernel's order
+            o_est += terms[:, r]
         result.o_est[b] = o_est
         if mode == "full":
             vt = np.full((Hk, n), 16, np.uint8)
