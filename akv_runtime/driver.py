@@ -347,12 +347,19 @@ def launch(function, grid, block, args, stream: int = 0, shared_mem: int = 0) ->
     No synchronisation: errors of the kernel itself surface at the caller's next
     synchronising call.
     """
+    address, keep = pack_args(args)
+    launch_packed(function, grid, block, address, stream, shared_mem)
+    del keep
+
+
+def launch_packed(function, grid, block, address: int, stream: int = 0,
+                  shared_mem: int = 0) -> None:
+    """:func:`launch` with arguments already packed by :func:`pack_args` (the caller keeps
+    them alive)."""
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
-    address, keep = pack_args(args)
     check(_cu.cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared_mem,
                              _cu.CUstream(int(stream)), address, 0), "cuLaunchKernel")
-    del keep
 
 
 # ----------------------------------------------------------------------------- memory

@@ -9,6 +9,7 @@ call reaches this module.
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
@@ -82,6 +83,8 @@ class CudaBackend:
         driver.copy_to_device(self.ws["block_table"].ptr, cache.block_table)
         self._debug_buffer = None
         self._debug = None
+        self._plans: dict = {}
+        self._append_plans: dict = {}
 
     def set_decode_version(self, version: int) -> None:
         """Use decode kernels of ``version`` (1 or 2; same numerics, different speed)."""
@@ -134,20 +137,34 @@ class CudaBackend:
 
     # ------------------------------------------------------------------ append
     def append(self, layer, k_info, v_info, starts, stream):
-        cache = self.cache
         s = resolve_stream(stream, k_info)
         B, Hk, S, D = k_info.shape
-        p = lambda n: ptr(self._plane_ptr(n, layer))  # noqa: E731
-        args = [ptr(k_info.ptr), ptr(v_info.ptr),
-                *(ctypes_i64(x) for x in k_info.strides[:3]),
-                *(ctypes_i64(x) for x in v_info.strides[:3]),
-                i32(S), ptr(self._lengths_ptr(layer)), ptr(self.ws["block_table"].ptr),
-                i32(cache.blocks_per_sequence),
-                p("k_hi"), p("k_mid"), p("k_lo"), p("v_hi"), p("v_mid"), p("v_lo"),
-                p("k_exp_max"), p("v_exp_max"), i32(Hk), i32(D)]
-        driver.launch(self.k_append, (blocks_for(S) + 1, Hk, B), (D,), args, s)
-        driver.launch(self.k_advance, (-(-B // ADVANCE_THREADS),), (ADVANCE_THREADS,),
-                      [ptr(self._lengths_ptr(layer)), i32(B), i32(S)], s)
+        plan = self._append_plans.get(layer)
+        if plan is None:
+            plan = self._append_plans[layer] = self._append_plan(layer)
+        plan.k_ptr.value, plan.v_ptr.value, plan.count.value = k_info.ptr, v_info.ptr, S
+        for slot, value in zip(plan.strides, k_info.strides[:3] + v_info.strides[:3]):
+            slot.value = value
+        driver.launch_packed(self.k_append, (blocks_for(S) + 1, Hk, B), (D,), plan.append, s)
+        driver.launch_packed(self.k_advance, (-(-B // ADVANCE_THREADS),), (ADVANCE_THREADS,),
+                             plan.advance, s)
+
+    def _append_plan(self, layer):
+        """Packed arguments of ``akv_append``/``akv_advance`` for one layer; the per-call
+        values (K/V pointers and strides, token count) are rewritten by :meth:`append`."""
+        cache = self.cache
+        plan = _DecodePlan()
+        plan.k_ptr, plan.v_ptr, plan.count = ptr(0), ptr(0), i32(0)
+        plan.strides = [ctypes_i64(0) for _ in range(6)]
+        p = {n: ptr(self._plane_ptr(n, layer)) for n in PLANE_NAMES}
+        lengths = ptr(self._lengths_ptr(layer))
+        plan.pack("append", [
+            plan.k_ptr, plan.v_ptr, *plan.strides, plan.count, lengths,
+            ptr(self.ws["block_table"].ptr), i32(cache.blocks_per_sequence),
+            p["k_hi"], p["k_mid"], p["k_lo"], p["v_hi"], p["v_mid"], p["v_lo"],
+            p["k_exp_max"], p["v_exp_max"], i32(cache.num_kv_heads), i32(cache.head_dim)])
+        plan.pack("advance", [lengths, i32(cache.batch_size), plan.count])
+        return plan
 
     # ------------------------------------------------------------------ attend
     def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug):
@@ -172,42 +189,65 @@ class CudaBackend:
 
         :meth:`attend` runs them all; the benchmark also times each alone (each reads only
         what earlier phases left in the workspace, so repeating one is harmless).
+        The argument arrays are packed once per (layer, mode, rule, counting, debug maps,
+        kernel version) and only the per-call values (q, its strides, the output, the split)
+        are rewritten in place, so a decode step costs four driver calls and little Python.
         """
         cache = self.cache
         B, Hq, D = q_info.shape
-        Hk, G, bps = cache.num_kv_heads, Hq // cache.num_kv_heads, cache.blocks_per_sequence
+        Hk = cache.num_kv_heads
         nblk = blocks_for(int(cache._lengths[layer].max()))
         split = self.split_blocks(nblk, Hk, B)
         splits = -(-nblk // split)
-        extra = [i32(split)] if self.decode_version >= 3 else []
+        plan = self._plan(layer, mode, rule, count, k_map, v_map)
+        plan.q_ptr.value, plan.out_ptr.value, plan.split.value = q_info.ptr, out_ptr, split
+        plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
+        go = driver.launch_packed
+        return [
+            ("scores", lambda: go(self.k_scores, (splits, Hk, B), (SCORE_THREADS,),
+                                  plan.scores, stream, self.scores_smem)),
+            ("estimate", lambda: go(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,),
+                                    plan.estimate, stream)),
+            ("values", lambda: go(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
+                                  plan.values, stream, self.values_smem)),
+            ("combine", lambda: go(self.k_combine, (Hq, B), (D,), plan.combine, stream)),
+        ]
+
+    def _plan(self, layer, mode, rule, count, k_map, v_map):
+        """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`)."""
+        key = (layer, mode, rule, bool(count), k_map, v_map, self.decode_version)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        cache = self.cache
+        Hq, Hk, D = cache.num_query_heads, cache.num_kv_heads, cache.head_dim
+        G, bps = Hq // Hk, cache.blocks_per_sequence
+        plan = _DecodePlan()
+        extra = [plan.split] if self.decode_version >= 3 else []
         counters = ptr(self.ws["counters"].ptr if count else 0)
         full = i32(1 if mode == "full" else 0)
         ws = {n: ptr(a.ptr) for n, a in self.ws.items()}
         lengths = ptr(self._lengths_ptr(layer))
         p = {n: ptr(self._plane_ptr(n, layer)) for n in PLANE_NAMES}
-        scores = [ptr(q_info.ptr), ctypes_i64(q_info.strides[0]),
-                  ctypes_i64(q_info.strides[1]), lengths, ws["block_table"], i32(bps),
-                  p["k_hi"], p["k_mid"], p["k_lo"], p["k_exp_max"], i32(Hk), i32(G),
-                  f32(1.0 / np.sqrt(D)), full, i32(rule.k_thresholds[0]),
-                  i32(rule.k_thresholds[1]), *extra, ws["scores"], ws["block_max"], ws["block_sum"],
-                  ws["block_arg"], counters, ptr(k_map)]
-        estimate = [lengths, ws["block_table"], i32(bps), p["v_hi"], i32(Hk), i32(G), i32(D),
-                    i32(rule.topk), ws["block_max"], ws["block_sum"], ws["block_arg"],
-                    ws["stats"], ws["o_est"], counters]
-        values = [lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
-                  p["v_exp_max"], i32(Hk), i32(G), full, i32(rule.v_thresholds[0]),
-                  i32(rule.v_thresholds[1]), i32(rule.v_bias), *extra, ws["scores"], ws["stats"],
-                  ws["o_est"], ws["partial"], counters, ptr(v_map)]
-        combine = [lengths, i32(bps), i32(Hq), i32(D), i32(split), ws["partial"], ptr(out_ptr)]
-        return [
-            ("scores", lambda: driver.launch(self.k_scores, (splits, Hk, B), (SCORE_THREADS,),
-                                             scores, stream, self.scores_smem)),
-            ("estimate", lambda: driver.launch(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,),
-                                               estimate, stream)),
-            ("values", lambda: driver.launch(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
-                                             values, stream, self.values_smem)),
-            ("combine", lambda: driver.launch(self.k_combine, (Hq, B), (D,), combine, stream)),
-        ]
+        plan.pack("scores", [
+            plan.q_ptr, plan.q_sb, plan.q_sh, lengths, ws["block_table"], i32(bps),
+            p["k_hi"], p["k_mid"], p["k_lo"], p["k_exp_max"], i32(Hk), i32(G),
+            f32(1.0 / np.sqrt(D)), full, i32(rule.k_thresholds[0]), i32(rule.k_thresholds[1]),
+            *extra, ws["scores"], ws["block_max"], ws["block_sum"], ws["block_arg"], counters,
+            ptr(k_map)])
+        plan.pack("estimate", [
+            lengths, ws["block_table"], i32(bps), p["v_hi"], i32(Hk), i32(G), i32(D),
+            i32(rule.topk), ws["block_max"], ws["block_sum"], ws["block_arg"], ws["stats"],
+            ws["o_est"], counters])
+        plan.pack("values", [
+            lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
+            p["v_exp_max"], i32(Hk), i32(G), full, i32(rule.v_thresholds[0]),
+            i32(rule.v_thresholds[1]), i32(rule.v_bias), *extra, ws["scores"], ws["stats"],
+            ws["o_est"], ws["partial"], counters, ptr(v_map)])
+        plan.pack("combine", [lengths, i32(bps), i32(Hq), i32(D), plan.split, ws["partial"],
+                              plan.out_ptr])
+        self._plans[key] = plan
+        return plan
 
     def _new_output(self, q_info):
         if q_info.is_torch:
@@ -275,5 +315,20 @@ class CudaBackend:
 
 
 def ctypes_i64(value):
-    import ctypes
     return ctypes.c_int64(int(value))
+
+
+class _DecodePlan:
+    """Kernel arguments of one kind of decode call, packed once (``void**`` addresses), with
+    the per-call values as ctypes objects that :meth:`CudaBackend.decode_phases` rewrites."""
+
+    def __init__(self):
+        self.q_ptr, self.out_ptr = ptr(0), ptr(0)
+        self.q_sb, self.q_sh = ctypes_i64(0), ctypes_i64(0)
+        self.split = i32(1)
+        self._keep = []
+
+    def pack(self, name, args):
+        address, keep = driver.pack_args(args)
+        self._keep.append(keep)
+        setattr(self, name, address)

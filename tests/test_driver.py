@@ -162,6 +162,12 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert append["args"][8] == S
     assert append["args"][9] == backend._lengths_ptr(1)
     assert advance["name"] == "akv_advance" and advance["args"][1:] == [B, S]
+    # a decode-token append reuses the packed arguments with the new pointers and strides
+    k1 = _info((B, Hk, 1, D), (Hk * D, D, Hk * D, 1), 0x70000)
+    backend.append(1, k1, k1, np.full(B, S), 0x55)
+    assert fake.launches[-2]["args"][:9] == [0x70000, 0x70000, Hk * D, D, Hk * D, Hk * D, D,
+                                             Hk * D, 1]
+    assert fake.launches[-2]["grid"] == (2, Hk, B) and fake.launches[-1]["args"][2] == 1
     cache._lengths[1] = S
     # decode attention: four launches with the right geometry
     q = _info((B, Hq, D), (Hq * D, D, 1), 0x30000)
@@ -191,6 +197,14 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert abs(scores["args"][12] - 1 / np.sqrt(D)) < 1e-7    # scale
     assert scores["args"][13] == 0                             # aligned
     assert scores["args"][-2] == 0 and scores["args"][-1] == 0  # no counters, no debug maps
+    # packed arguments are reused, per-call values rewritten: a new q, output and length
+    q2 = _info((B, Hq, D), (2 * Hq * D, 2 * D, 1), 0x50000)
+    out2 = _info((B, Hq, D), (Hq * D, D, 1), 0x60000)
+    cache._lengths[1] = 200
+    backend.attend(1, q2, out2, "aligned", cache.rule, 0x77, False, False)
+    assert fake.launches[-4]["args"][:3] == [0x50000, 2 * Hq * D, 2 * D]
+    assert fake.launches[-1]["args"][-1] == 0x60000
+    assert fake.launches[-4]["grid"] == (-(-200 // BLOCK_TOKENS), Hk, B)
     backend.attend(1, q, out, "full", cache.rule, 0, True, False)
     assert fake.launches[-4]["args"][13] == 1
     assert fake.launches[-4]["args"][-2] == backend.ws["counters"].ptr
