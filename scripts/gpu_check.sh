@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One device call: build the cubins, run the GPU tests, run the benchmark, print a table.
+# One device call: build the cubins, run the GPU tests, the main job (llama7b.yaml and, when
+# .trace/smollm2_trace.npz exists, the real SmolLM2 trace), then the benchmark; the
+# benchmark's table is printed last.
 # Usage (on the GPU machine, from the repo root): bash scripts/gpu_check.sh [bench args...]
-# Writes logs and JSON under $OUT (default /tmp/akv_out).
+# SKIP_RUN=1 / SKIP_BENCH=1 leave those steps out. Logs and JSON go under $OUT
+# (default /tmp/akv_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/akv_out}
@@ -21,6 +24,17 @@ python3 build.py --arch sm_90 -j 8 2>&1 | tee "$OUT/build.log" || status=1
 echo "== GPU tests"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests "${PYTEST_ARGS[@]:-}" 2>&1 | tee "$OUT/pytest.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "${SKIP_RUN:-0}" != 1 ]; then
+  echo "== main job through the cubins"
+  python3 -m akv_runtime.run --config configs/llama7b.yaml --no-progress \
+    --json "$OUT/llama7b.json" --plot "$OUT/llama7b.png" 2>&1 | tail -16 \
+    || status=1
+  if [ -f .trace/smollm2_trace.npz ]; then   # real SmolLM2 q/K/V captured on a CPU machine
+    python3 -m akv_runtime.run --config configs/smollm2-135m.yaml --no-progress \
+      --trace .trace/smollm2_trace.npz --json "$OUT/smollm2_trace.json" \
+      --plot "$OUT/smollm2_trace.png" 2>&1 | tail -16 || status=1
+  fi
+fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== benchmark"
   python3 -m akv_runtime.bench --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
