@@ -465,13 +465,12 @@ __device__ __forceinline__ void values(
     cp_async_wait<0>();
     __syncthreads();                    // the stages become the reduction buffer
   } else {
-    Planes<ROUNDS> a, c;
-    load(a, 0);
-    for (int j = 0; j < count; j += 2) {
-      if (j + 1 < count) load(c, j + 1);
+    // one register buffer: fewer registers, more CTAs per SM (the V phase is latency-bound,
+    // docs/perf-notes.md)
+    Planes<ROUNDS> a;
+    for (int j = 0; j < count; ++j) {
+      load(a, j);
       accumulate(a, j);
-      if (j + 2 < count) load(a, j + 2);
-      if (j + 1 < count) accumulate(c, j + 1);
     }
   }
   int base = 0;
