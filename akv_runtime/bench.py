@@ -241,6 +241,9 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", default=[],
                         help="shape:batch:context, e.g. llama2-7b:8:16384 (repeatable)")
     parser.add_argument("--reps", type=int, default=20, help="calls per graph replay")
+    parser.add_argument("--versions", default="1,2,3,4",
+                        help="decode kernel versions to time, comma-separated (default all; "
+                             "the default version is the untagged 'full'/'aligned')")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     from .cache import cuda_unavailable_reason
@@ -259,6 +262,14 @@ def main(argv=None) -> int:
             grid.append((shape, int(b), int(c)))
     else:
         grid = QUICK_GRID if args.quick else full_grid()
+    from .kernels import DECODE_VERSIONS, DEFAULT_DECODE_VERSION
+    try:
+        versions = tuple(sorted({int(v) for v in args.versions.split(",")}
+                                | {DEFAULT_DECODE_VERSION}))
+    except ValueError:
+        parser.error(f"--versions: expected numbers like 2,3, got {args.versions!r}")
+    if not set(versions) <= set(DECODE_VERSIONS):
+        parser.error(f"--versions: known versions are {DECODE_VERSIONS}")
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 60 << 20)
     copy_bw = copy_bandwidth(torch)
@@ -267,7 +278,8 @@ def main(argv=None) -> int:
     rows = []
     for shape, b, c in grid:
         t0 = time.time()
-        rows.append(bench_case(torch, shape, b, c, SEED_RULE, copy_bw, l2, args.reps, rng))
+        rows.append(bench_case(torch, shape, b, c, SEED_RULE, copy_bw, l2, args.reps, rng,
+                               versions))
         ms = {k: round(v, 4) for k, v in rows[-1]["ms"].items() if v}
         phases = {k: round(v, 4) for k, v in rows[-1]["phase_ms"].items()}
         print(f"  {shape} B={b} ctx={c}: {ms} phases {phases} ({time.time() - t0:.1f} s)",
