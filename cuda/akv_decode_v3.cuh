@@ -25,15 +25,27 @@ using akv2::tier_words;
 using akv2::unpack16;
 constexpr int kMaxSplit = 8;
 
+// cp.async exists from sm_80 on; older targets (sm_75) copy synchronously through registers,
+// which keeps every entry point in every cubin (the pipeline is then just a loop).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 // Wait until at most N groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 extern __shared__ __align__(16) uint8_t akv_dynamic_smem[];
 
