@@ -86,8 +86,10 @@ class AlignedKVCache:
         num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
         max_seq_len = _positive_int("max_seq_len", max_seq_len)
         batch_size = _positive_int("batch_size", batch_size)
-        if head_dim not in SUPPORTED_HEAD_DIMS:
+        if (isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer))
+                or head_dim not in SUPPORTED_HEAD_DIMS):
             raise ValueError(f"head_dim: expected one of {SUPPORTED_HEAD_DIMS}, got {head_dim!r}")
+        head_dim = int(head_dim)
         num_query_heads = num_kv_heads if num_query_heads is None else _positive_int(
             "num_query_heads", num_query_heads)
         if num_query_heads % num_kv_heads:
@@ -290,6 +292,8 @@ class AlignedKVCache:
         was appended.
         """
         layer = self._check_layer(layer)
+        if isinstance(sequence, bool) or not isinstance(sequence, (int, np.integer)):
+            raise TypeError(f"sequence: expected an int, got {type(sequence).__name__}")
         if not 0 <= sequence < self.batch_size:
             raise ValueError(f"sequence: {sequence} is out of range [0, {self.batch_size})")
         if tier not in (8, 12, 16):

@@ -330,6 +330,12 @@ def validate(config: Config) -> Config:
                  "timing_repeats"):
         _check_positive(file, f"workload.{name}", getattr(w, name))
     _check_positive(file, "workload.error_steps", w.error_steps, allow_zero=True)
+    from .model import LICENSE_DIR
+    if (not Path(w.text).expanduser().is_file() and LICENSE_DIR.is_dir()
+            and not (LICENSE_DIR / w.text).is_file()):
+        present = ", ".join(sorted(p.name for p in LICENSE_DIR.iterdir()))
+        raise ConfigError(file, "workload.text", f"{w.text!r} is neither a file nor a licence "
+                                                 f"in {LICENSE_DIR} ({present})")
     for i, prompt in enumerate(w.prompts):
         if not prompt.strip():
             raise ConfigError(file, f"workload.prompts[{i}]", "empty prompt")

@@ -386,8 +386,10 @@ def write_plot(result: dict, path) -> Path:
     ax.legend(fontsize=8, loc="upper center", ncol=2 if width < 10 else 4, frameon=False)
     fig.tight_layout()
     path = Path(path)
+    if path.suffix.lower() != ".png":   # matplotlib would add ".png" itself; say so truly
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -430,9 +432,10 @@ def run(config: Config, args) -> dict:
             kind = "model"
         except ModelUnavailableError as exc:
             if m.kind == "gguf-smollm2":
+                where = f"{config.source}: model.path: " if m.path else ""
                 raise ModelUnavailableError(
-                    f"{exc}. Where the model cannot run, replay real q/K/V captured on a "
-                    f"machine that has it (--save-trace there): --trace "
+                    f"{where}{exc}. Where the model cannot run, replay real q/K/V captured "
+                    f"on a machine that has it (--save-trace there): --trace "
                     f".trace/smollm2_trace.npz") from exc
             notice = (f"{exc}: running the attention-level workload at {m.name} shapes "
                       f"({m.num_layers} layers, {m.num_query_heads} query / {m.num_kv_heads} "

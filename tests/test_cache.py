@@ -48,6 +48,8 @@ def cache(rng):
     (lambda c, K, V, q: c.attend(0, q, out=np.zeros((2, 4, 64), np.float32)), TypeError,
      "out: expected dtype float16"),
     (lambda c, K, V, q: c.read(0, 5), ValueError, "sequence: 5 is out of range"),
+    (lambda c, K, V, q: c.read(0, "0"), TypeError, "sequence: expected an int"),
+    (lambda c, K, V, q: c.read(0, 0.5), TypeError, "sequence: expected an int"),
     (lambda c, K, V, q: c.read(0, 0, tier=10), ValueError, "tier: expected 8, 12 or 16"),
     (lambda c, K, V, q: c.plane("k_top", 0), ValueError, "name: expected one of"),
 ])
@@ -62,6 +64,7 @@ def test_bad_input_names_the_argument_and_changes_nothing(cache, rng, call, erro
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_layers=0), "num_layers"), (dict(head_dim=96), "head_dim"),
+    (dict(head_dim=64.0), "head_dim"),
     (dict(num_query_heads=5), "not a multiple"), (dict(num_query_heads=40), "GQA group"),
     (dict(max_seq_len=-3), "max_seq_len"), (dict(backend="tpu"), "backend"),
     (dict(block_table=np.zeros((2, 4), np.int32)), "block_table: a physical block"),

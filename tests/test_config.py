@@ -140,6 +140,14 @@ def test_impossible_workload_and_rule(tmp_path):
     expect_error(tmp_path, data, "workload.prompts[0]", "empty")
 
 
+@pytest.mark.skipif(not Path("/usr/share/common-licenses/GPL-3").is_file(),
+                    reason="no Debian licence texts on this machine")
+def test_unknown_corpus_text_names_the_key(tmp_path):
+    data = base()
+    data["workload"]["text"] = "NOPE-9"
+    expect_error(tmp_path, data, "workload.text", "neither a file nor a licence")
+
+
 def test_real_model_needs_prompts(tmp_path):
     data = yaml.safe_load((CONFIGS / "smollm2-135m.yaml").read_text())
     data["workload"]["prompts"] = []
