@@ -293,6 +293,7 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   __shared__ float s_p[kMaxTopk];
   __shared__ long long s_row[kMaxTopk];
   __shared__ float s_m, s_l;
+  __shared__ int s_count[kEstimateThreads / 32];
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5, num_warps = kEstimateThreads / 32;
   const int num_q_heads = num_kv_heads * group, D = head_dim;
@@ -337,9 +338,27 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   __syncthreads();
   l = s_l;
 
-  // 2. rank of every block in (value desc, index asc) order; ranks < k are the slots
+  // 2a. the k-th largest block maximum, as an order-preserving key, by bisection on its bits
+  //     (32 counting passes); only blocks at or above it can hold a slot, so the O(nblk)
+  //     rank count below runs for about k blocks instead of all of them.
+  unsigned threshold = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const unsigned cand = threshold | (1u << bit);
+    int c = 0;
+    for (int j = tid; j < nblk; j += kEstimateThreads) c += akv_order_key(bmax[j]) >= cand;
+    c = akv_warp_sum_int(c);
+    if (lane == 0) s_count[warp] = c;
+    __syncthreads();
+    int total = 0;
+#pragma unroll
+    for (int w = 0; w < kEstimateThreads / 32; ++w) total += s_count[w];
+    if (total >= k) threshold = cand;
+    __syncthreads();
+  }
+  // 2b. rank of every candidate block in (value desc, index asc) order; ranks < k are slots
   for (int j = tid; j < nblk; j += kEstimateThreads) {
     const float v = bmax[j];
+    if (akv_order_key(v) < threshold) continue;
     int rank = 0;
     for (int i = 0; i < nblk && rank < k; ++i) {
       const float u = bmax[i];

@@ -67,6 +67,12 @@ __device__ __forceinline__ void akv_join4(uint32_t hi4, uint32_t mid2, uint32_t 
   }
 }
 
+// A uint32 that orders like the float (larger float, larger key); -0 counts as +0.
+__device__ __forceinline__ unsigned akv_order_key(float f) {
+  const unsigned u = __float_as_uint(f == 0.f ? 0.f : f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 __device__ __forceinline__ float akv_warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
