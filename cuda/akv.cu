@@ -280,6 +280,7 @@ AKV_SCORES_ENTRY(128)
 constexpr int kEstimateThreads = 256;
 constexpr int kEstimateSmemBlocks = 4096;   // block maxima kept on chip up to 256k tokens
 constexpr int kMaxTopk = 1024;
+constexpr int kEstimateBisectAbove = 64;    // blocks; below this every block is a candidate
 
 extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estimate(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
@@ -294,6 +295,8 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   __shared__ long long s_row[kMaxTopk];
   __shared__ float s_m, s_l;
   __shared__ int s_count[kEstimateThreads / 32];
+  __shared__ int s_cand[kMaxTopk];
+  __shared__ int s_ncand;
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5, num_warps = kEstimateThreads / 32;
   const int num_q_heads = num_kv_heads * group, D = head_dim;
@@ -339,32 +342,56 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   l = s_l;
 
   // 2a. the k-th largest block maximum, as an order-preserving key, by bisection on its bits
-  //     (32 counting passes); only blocks at or above it can hold a slot, so the O(nblk)
-  //     rank count below runs for about k blocks instead of all of them.
+  //     (32 counting passes; skipped for short sequences, where every block is a
+  //     candidate). Only blocks at or above it can hold a slot.
   unsigned threshold = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const unsigned cand = threshold | (1u << bit);
-    int c = 0;
-    for (int j = tid; j < nblk; j += kEstimateThreads) c += akv_order_key(bmax[j]) >= cand;
-    c = akv_warp_sum_int(c);
-    if (lane == 0) s_count[warp] = c;
-    __syncthreads();
-    int total = 0;
+  if (nblk > kEstimateBisectAbove) {
+    for (int bit = 31; bit >= 0; --bit) {
+      const unsigned cand = threshold | (1u << bit);
+      int c = 0;
+      for (int j = tid; j < nblk; j += kEstimateThreads) c += akv_order_key(bmax[j]) >= cand;
+      c = akv_warp_sum_int(c);
+      if (lane == 0) s_count[warp] = c;
+      __syncthreads();
+      int total = 0;
 #pragma unroll
-    for (int w = 0; w < kEstimateThreads / 32; ++w) total += s_count[w];
-    if (total >= k) threshold = cand;
-    __syncthreads();
+      for (int w = 0; w < kEstimateThreads / 32; ++w) total += s_count[w];
+      if (total >= k) threshold = cand;
+      __syncthreads();
+    }
   }
-  // 2b. rank of every candidate block in (value desc, index asc) order; ranks < k are slots
+  // 2b. gather the candidates (order does not matter: ranks are computed from values)
+  if (tid == 0) s_ncand = 0;
+  __syncthreads();
   for (int j = tid; j < nblk; j += kEstimateThreads) {
+    if (akv_order_key(bmax[j]) < threshold) continue;
+    const int at = atomicAdd(&s_ncand, 1);
+    if (at < kMaxTopk) {
+      s_cand[at] = j;
+    } else {  // more ties than the list holds (degenerate input): count alone
+      const float v = bmax[j];
+      int rank = 0;
+      for (int i = 0; i < nblk && rank < k; ++i) {
+        const float u = bmax[i];
+        rank += (u > v) || (u == v && i < j);
+      }
+      if (rank < k) s_sel[rank] = j;
+    }
+  }
+  __syncthreads();
+  // 2c. one warp per candidate counts the blocks before it in (value desc, index asc) order;
+  //     rank r < k is selection slot r
+  const int ncand = min(s_ncand, kMaxTopk);
+  for (int c = warp; c < ncand; c += num_warps) {
+    const int j = s_cand[c];
     const float v = bmax[j];
-    if (akv_order_key(v) < threshold) continue;
     int rank = 0;
-    for (int i = 0; i < nblk && rank < k; ++i) {
+    for (int i = lane; i < nblk; i += 32) {
       const float u = bmax[i];
       rank += (u > v) || (u == v && i < j);
     }
-    if (rank < k) s_sel[rank] = j;
+    rank = akv_warp_sum_int(rank);
+    if (lane == 0 && rank < k) s_sel[rank] = j;
   }
   __syncthreads();
 
