@@ -261,20 +261,8 @@ __device__ __forceinline__ void scores(
     }
     __syncthreads();
     for (int g = warp; g < G; g += 4) {
-      const float s0 = s_score[g][lane], s1 = s_score[g][lane + 32];
-      const float m = akv_warp_max(fmaxf(s0, s1));
-      int arg = s0 == m ? lane : (s1 == m ? lane + 32 : T);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) arg = min(arg, __shfl_xor_sync(kFull, arg, o));
-      float e = (s0 == -INFINITY ? 0.f : expf(s0 - m)) + (s1 == -INFINITY ? 0.f : expf(s1 - m));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(kFull, e, o);
-      if (lane == 0) {
-        const long long at = (qhead + g) * blocks_per_seq + blk;
-        block_max[at] = m;
-        block_sum[at] = e;
-        block_arg[at] = blk * T + (arg < T ? arg : 0);
-      }
+      const long long at = (qhead + g) * blocks_per_seq + blk;
+      akv_block_stats(s_score[g], lane, blk, at, block_max, block_sum, block_arg);
     }
   }
 }

@@ -96,3 +96,24 @@ __device__ __forceinline__ int akv_warp_sum_int(int v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+
+// One warp: the maximum of a block's 64 scores (-inf marks tokens past the sequence end),
+// its first arg-max (as a token index of the sequence) and the sum of exp(s - max); lane 0
+// writes them at index `at` (reference.decode_attention's bmax, barg, bsum).
+__device__ __forceinline__ void akv_block_stats(const float* scores64, int lane, int blk,
+                                                long long at, float* block_max,
+                                                float* block_sum, int* block_arg) {
+  const float s0 = scores64[lane], s1 = scores64[lane + 32];
+  const float m = akv_warp_max(fmaxf(s0, s1));
+  int arg = s0 == m ? lane : (s1 == m ? lane + 32 : AKV_BLOCK_TOKENS);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) arg = min(arg, __shfl_xor_sync(0xffffffffu, arg, o));
+  float e = (s0 == -INFINITY ? 0.f : expf(s0 - m)) + (s1 == -INFINITY ? 0.f : expf(s1 - m));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+  if (lane == 0) {
+    block_max[at] = m;
+    block_sum[at] = e;
+    block_arg[at] = blk * AKV_BLOCK_TOKENS + (arg < AKV_BLOCK_TOKENS ? arg : 0);
+  }
+}
