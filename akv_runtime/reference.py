@@ -14,7 +14,9 @@ numpy                          CUDA entry point
 =============================  =========================================
 
 Tier decisions are integer functions of exactly representable inputs, so the reference's
-tiers equal the kernel's. Outputs agree up to fp32 accumulation order. The precision
+tiers equal the kernel's. The reference forms dot products and the output sum in float64
+(rounded to fp32 / fp16 where the kernel stores), so it is slightly more precise than the
+kernels' fp32 accumulation; the tests compare the two within that rounding. The precision
 alignment rule is DESIGN.md section 4 (AlignedKV, Tan et al., arXiv 2409.16546, section 3).
 This module depends on :mod:`akv_runtime.layout` only.
 """
