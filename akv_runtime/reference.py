@@ -545,6 +545,56 @@ def float64_attention(q, K, V, scale: float | None = None) -> np.ndarray:
     return np.einsum("hgj,hjd->hgd", p, V).reshape(Hq, D)
 
 
+def fp16_scores(q, K) -> np.ndarray:
+    """Unscaled ``q·Kᵀ`` in plain fp16 arithmetic (see :func:`fp16_attention`).
+
+    Parameters
+    ----------
+    q : float16 [query_heads, D]; K : float16 [kv_heads, n, D] (GQA: query head ``i`` meets
+        KV head ``i // (query_heads // kv_heads)``)
+
+    Returns
+    -------
+    float16 [query_heads, n]
+    """
+    q = np.asarray(q, np.float16).astype(np.float32)
+    K = np.asarray(K, np.float16).astype(np.float32)
+    Hq, D = q.shape
+    Hk = K.shape[0]
+    s = np.einsum("hgd,hjd->hgj", q.reshape(Hk, Hq // Hk, D), K)
+    return s.reshape(Hq, -1).astype(np.float16)
+
+
+def fp16_weights(q, K, scale: float | None = None) -> np.ndarray:
+    """Softmax weights as :func:`fp16_attention` forms them (fp16 [query_heads, n]):
+    fp16 scores scaled in fp16, softmax in fp32, rounded to fp16."""
+    D = np.asarray(q).shape[-1]
+    scale = np.float16(1.0 / np.sqrt(D) if scale is None else scale)
+    s = (fp16_scores(q, K) * scale).astype(np.float16).astype(np.float32)
+    s -= s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    return (p / p.sum(axis=-1, keepdims=True)).astype(np.float16)
+
+
+def fp16_weighted_sum(p, V) -> np.ndarray:
+    """``p·V`` in plain fp16 arithmetic (see :func:`fp16_attention`).
+
+    Parameters
+    ----------
+    p : float16 [query_heads, n]; V : float16 [kv_heads, n, D]
+
+    Returns
+    -------
+    float16 [query_heads, D]
+    """
+    p = np.asarray(p, np.float16).astype(np.float32)
+    V = np.asarray(V, np.float16).astype(np.float32)
+    Hq, n = p.shape
+    Hk, _, D = V.shape
+    o = np.einsum("hgj,hjd->hgd", p.reshape(Hk, Hq // Hk, n), V)
+    return o.reshape(Hq, D).astype(np.float16)
+
+
 def fp16_attention(q, K, V, scale: float | None = None) -> np.ndarray:
     """Plain fp16 decode attention as eager PyTorch computes it on fp16 tensors.
 
@@ -560,19 +610,7 @@ def fp16_attention(q, K, V, scale: float | None = None) -> np.ndarray:
     -------
     float16 [query_heads, D]
     """
-    q = np.asarray(q, np.float16).astype(np.float32)
-    K = np.asarray(K, np.float16).astype(np.float32)
-    V = np.asarray(V, np.float16).astype(np.float32)
-    Hq, D = q.shape
-    Hk = K.shape[0]
-    G = Hq // Hk
-    scale = np.float16(1.0 / np.sqrt(D) if scale is None else scale)
-    s = np.einsum("hgd,hjd->hgj", q.reshape(Hk, G, D), K).astype(np.float16)
-    s = (s * scale).astype(np.float16).astype(np.float32)
-    s -= s.max(axis=-1, keepdims=True)
-    p = np.exp(s)
-    p = (p / p.sum(axis=-1, keepdims=True)).astype(np.float16).astype(np.float32)
-    return np.einsum("hgj,hjd->hgd", p, V).reshape(Hq, D).astype(np.float16)
+    return fp16_weighted_sum(fp16_weights(q, K, scale), V)
 
 
 def relative_error(out, ref) -> float:
