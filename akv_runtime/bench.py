@@ -245,6 +245,9 @@ def main(argv=None) -> int:
                         help="decode kernel versions to time, comma-separated (default all; "
                              "the default version is the untagged 'full'/'aligned')")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--rule", default="seed",
+                        help="named precision-alignment rule for the aligned mode "
+                             "(reference.RULES; default seed)")
     args = parser.parse_args(argv)
     from .cache import cuda_unavailable_reason
     reason = cuda_unavailable_reason()
@@ -252,7 +255,11 @@ def main(argv=None) -> int:
         print(f"bench: timings need a CUDA GPU ({reason})", file=sys.stderr)
         return 2
     import torch
-    from .reference import SEED_RULE
+    from .reference import named_rule
+    try:
+        rule = named_rule(args.rule)
+    except KeyError as exc:
+        parser.error(f"--rule: {exc.args[0]}")
     if args.case:
         grid = []
         for spec in args.case:
@@ -278,14 +285,14 @@ def main(argv=None) -> int:
     rows = []
     for shape, b, c in grid:
         t0 = time.time()
-        rows.append(bench_case(torch, shape, b, c, SEED_RULE, copy_bw, l2, args.reps, rng,
+        rows.append(bench_case(torch, shape, b, c, rule, copy_bw, l2, args.reps, rng,
                                versions))
         ms = {k: round(v, 4) for k, v in rows[-1]["ms"].items() if v}
         phases = {k: round(v, 4) for k, v in rows[-1]["phase_ms"].items()}
         print(f"  {shape} B={b} ctx={c}: {ms} phases {phases} ({time.time() - t0:.1f} s)",
               flush=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "copy_bandwidth_Bps": copy_bw, "rule": SEED_RULE.name,
+              "copy_bandwidth_Bps": copy_bw, "rule": rule.name,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

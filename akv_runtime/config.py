@@ -149,11 +149,12 @@ class RuleConfig:
     v_thresholds: tuple[int, int] = (8, 4)
     topk: int = 32
     v_bias: int = 0
+    v_skip: int | None = None
 
     def to_rule(self) -> AlignmentRule:
         return AlignmentRule(name=self.name, k_thresholds=tuple(self.k_thresholds),
                              v_thresholds=tuple(self.v_thresholds), topk=self.topk,
-                             v_bias=self.v_bias)
+                             v_bias=self.v_bias, v_skip=self.v_skip)
 
 
 @dataclass(frozen=True)

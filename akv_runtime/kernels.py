@@ -242,7 +242,8 @@ class CudaBackend:
         plan.pack("values", [
             lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
             p["v_exp_max"], i32(Hk), i32(G), full, i32(rule.v_thresholds[0]),
-            i32(rule.v_thresholds[1]), i32(rule.v_bias), *extra, ws["scores"], ws["stats"],
+            i32(rule.v_thresholds[1]), i32(rule.v_skip_gap), i32(rule.v_bias), *extra,
+            ws["scores"], ws["stats"],
             ws["o_est"], ws["partial"], counters, ptr(v_map)])
         plan.pack("combine", [lengths, i32(bps), i32(Hq), i32(D), plan.split, ws["partial"],
                               plan.out_ptr])

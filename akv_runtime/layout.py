@@ -119,10 +119,10 @@ def k_bytes_per_channel_block(tier) -> np.ndarray:
 
 
 def v_bytes_per_token(tier, head_dim: int) -> np.ndarray:
-    """Bytes read for one token row of V at ``tier``: D, 1.5 D or 2 D."""
+    """Bytes read for one token row of V at ``tier``: 0 (tier 0, skipped), D, 1.5 D or 2 D."""
     tier = np.asarray(tier)
     half = head_dim // 2
-    return head_dim + half * (tier >= 12) + half * (tier >= 16)
+    return head_dim * (tier > 0) + half * (tier >= 12) + half * (tier >= 16)
 
 
 def identity_block_table(batch: int, blocks_per_sequence: int) -> np.ndarray:

@@ -11,6 +11,8 @@ numpy                          CUDA entry point
 :func:`v_tiers`                ``akv_decode_values`` tier decision
 :func:`decode_attention`       ``akv_decode_scores`` → ``akv_decode_estimate``
                                → ``akv_decode_values`` → ``akv_decode_combine``
+:func:`causal_decode_attention`  the same four kernels at every position of a
+                               sequence (teacher forcing, for perplexity)
 =============================  =========================================
 
 Tier decisions are integer functions of exactly representable inputs, so the reference's
@@ -32,6 +34,9 @@ from .layout import (BLOCK_TOKENS, COUNTER_NAMES, FP16_SPECIAL_EXPONENT, blocks_
 
 # ----------------------------------------------------------------------------- rules
 
+#: The kernels' ``v_skip`` argument when a rule never skips a V token.
+NEVER_SKIP = 1 << 20
+
 
 @dataclass(frozen=True)
 class AlignmentRule:
@@ -52,6 +57,9 @@ class AlignmentRule:
         (the "approximate top-k" of DESIGN.md section 4).
     v_bias : int
         Added to the V-side reference exponent ``r`` (binary orders).
+    v_skip : int or None
+        V-side gap at which a token is not read at all (tier 0: its bound ``p·|v|`` lies
+        ``v_skip`` binary orders below the output estimate); ``None`` never skips (the seed).
     """
 
     name: str = "seed"
@@ -59,6 +67,7 @@ class AlignmentRule:
     v_thresholds: tuple = (8, 4)
     topk: int = 32
     v_bias: int = 0
+    v_skip: int | None = None
 
     def __post_init__(self):
         for side in ("k_thresholds", "v_thresholds"):
@@ -68,19 +77,48 @@ class AlignmentRule:
                                  f"tier-8 gap >= tier-12 gap >= 0, got {(t8, t12)}")
         if not 1 <= int(self.topk) <= 1024:
             raise ValueError(f"topk: expected 1..1024, got {self.topk}")
+        if self.v_skip is not None and not (int(self.v_thresholds[0]) <= int(self.v_skip)
+                                            < NEVER_SKIP):
+            raise ValueError(f"v_skip: expected None or a gap in {self.v_thresholds[0]}.."
+                             f"{NEVER_SKIP - 1} (at least the tier-8 gap), got {self.v_skip}")
+
+    @property
+    def v_skip_gap(self) -> int:
+        """``v_skip`` as the kernels take it (:data:`NEVER_SKIP` for ``None``)."""
+        return NEVER_SKIP if self.v_skip is None else int(self.v_skip)
 
 
 #: The seed's rule of DESIGN.md section 4.
 SEED_RULE = AlignmentRule()
 
+#: The seed with K one binary order stricter and V tokens far below the output skipped
+#: (docs/fidelity.md, "Rules": chosen on real SmolLM2 K/V for error <= 1.5x plain fp16 and
+#: <= 12 bits per value at 2k tokens).
+TUNED_RULE = AlignmentRule(name="tuned", k_thresholds=(9, 5), v_thresholds=(8, 4), topk=32,
+                           v_bias=0, v_skip=14)
+
+#: Named rules (``--rule NAME`` of bench and eval, ``rule: {name: ...}`` of a run config).
+RULES = {r.name: r for r in (SEED_RULE, TUNED_RULE)}
+
+
+def named_rule(name: str) -> AlignmentRule:
+    """The rule of :data:`RULES` called ``name``; ``KeyError`` naming the known rules."""
+    try:
+        return RULES[name]
+    except KeyError:
+        raise KeyError(f"unknown rule {name!r}; named rules: {', '.join(RULES)}") from None
+
 MODES = ("aligned", "full")
 
 
-def tier_from_gap(gap, thresholds) -> np.ndarray:
-    """Tier (uint8: 8, 12 or 16) for integer exponent gaps, elementwise."""
+def tier_from_gap(gap, thresholds, skip: int | None = None) -> np.ndarray:
+    """Tier (uint8: 8, 12 or 16; 0 where ``gap >= skip``) for integer exponent gaps."""
     gap = np.asarray(gap)
     t8, t12 = thresholds
-    return np.where(gap >= t8, 8, np.where(gap >= t12, 12, 16)).astype(np.uint8)
+    tiers = np.where(gap >= t8, 8, np.where(gap >= t12, 12, 16)).astype(np.uint8)
+    if skip is not None:
+        tiers[gap >= skip] = 0
+    return tiers
 
 
 # ---------------------------------------------------------------- fp16 / fp32 bit helpers
@@ -275,14 +313,23 @@ def k_tiers(q, k_exp_max, rule: AlignmentRule = SEED_RULE) -> np.ndarray:
     """
     q = np.asarray(q)
     Hq, D = q.shape
-    nblk, Hk, _ = k_exp_max.shape
-    G = Hq // Hk
-    eq = exponent_field16(fp16_bits(q)).reshape(Hk, G, 1, D)
-    ek = np.asarray(k_exp_max).astype(np.int32).transpose(1, 0, 2)[:, None]  # [Hk,1,nblk,D]
-    a = eq + ek                                                            # [Hk,G,nblk,D]
+    Hk = np.asarray(k_exp_max).shape[1]
+    eq = exponent_field16(fp16_bits(q)).reshape(Hk, Hq // Hk, D)
+    ek = np.asarray(k_exp_max).astype(np.int32).transpose(1, 0, 2)          # [Hk,nblk,D]
+    return _k_tiers_from_exponents(eq, ek, rule)
+
+
+def _k_tiers_from_exponents(eq, ek, rule: AlignmentRule) -> np.ndarray:
+    """The K rule on exponent fields, batched over any leading axes.
+
+    ``eq`` int32 [..., kv_heads, G, D] (E of the query heads of each group), ``ek`` int32
+    [..., kv_heads, blocks, D] (block channel exponent maxima) → uint8 [..., kv_heads, blocks,
+    D]. Shared by :func:`k_tiers` and :func:`causal_decode_attention`.
+    """
+    a = eq[..., :, :, None, :] + ek[..., :, None, :, :]                 # [...,Hk,G,nblk,D]
     gap = a.max(axis=-1, keepdims=True) - a
-    tiers = tier_from_gap(gap, rule.k_thresholds).max(axis=1)             # [Hk,nblk,D]
-    tiers[ek[:, 0] == FP16_SPECIAL_EXPONENT] = 16
+    tiers = tier_from_gap(gap, rule.k_thresholds).max(axis=-3)          # [...,Hk,nblk,D]
+    tiers[np.broadcast_to(ek == FP16_SPECIAL_EXPONENT, tiers.shape)] = 16
     return tiers
 
 
@@ -301,21 +348,28 @@ def v_reference_exponent(o_est, v_exp_max, rule: AlignmentRule = SEED_RULE) -> n
     -------
     int32 [query_heads, blocks]
     """
-    Hq, D = o_est.shape
-    nblk, Hk, _ = v_exp_max.shape
-    G = Hq // Hk
-    eo = unbiased_exponent32(o_est)                                         # [Hq, D]
-    ev = np.maximum(np.asarray(v_exp_max).astype(np.int32), 1) - 15         # [nblk,Hk,D]
-    ev_q = np.repeat(ev.transpose(1, 0, 2), G, axis=0)                      # [Hq,nblk,D]
-    return (eo[:, None, :] - ev_q).min(axis=-1) + int(rule.v_bias)
+    return _v_reference_from_exponents(unbiased_exponent32(o_est),
+                                       np.asarray(v_exp_max).astype(np.int32), rule)
+
+
+def _v_reference_from_exponents(eo, ev, rule: AlignmentRule) -> np.ndarray:
+    """``r`` of :func:`v_reference_exponent`, batched over leading axes: ``eo`` int32
+    [..., query_heads, D] (unbiased exponents of O_est), ``ev`` int32 [..., blocks, kv_heads,
+    D] (biased V exponent maxima) → int32 [..., query_heads, blocks]."""
+    Hq = eo.shape[-2]
+    Hk = ev.shape[-2]
+    evu = np.maximum(ev, 1) - 15
+    ev_q = np.repeat(np.swapaxes(evu, -3, -2), Hq // Hk, axis=-3)          # [...,Hq,nblk,D]
+    return (eo[..., :, None, :] - ev_q).min(axis=-1) + int(rule.v_bias)
 
 
 def v_tiers(p, o_est, v_exp_max, length: int, rule: AlignmentRule = SEED_RULE) -> np.ndarray:
     """V-side tiers per (KV head, token) for one sequence (DESIGN.md section 4).
 
     ``gap_j = r[h, block(j)] - e(p_j)`` with ``r`` from :func:`v_reference_exponent`; tier by
-    ``rule.v_thresholds``; the highest tier over the GQA group; every token of a block whose
-    V holds Inf/NaN (exponent 31) is read at 16 bits.
+    ``rule.v_thresholds``, tier 0 (the token is not read) where ``gap_j >= rule.v_skip``; the
+    highest tier over the GQA group; every token of a block whose V holds Inf/NaN
+    (exponent 31) is read at 16 bits.
 
     Parameters
     ----------
@@ -328,15 +382,23 @@ def v_tiers(p, o_est, v_exp_max, length: int, rule: AlignmentRule = SEED_RULE) -
     -------
     uint8 [kv_heads, length]
     """
-    Hq = p.shape[0]
-    nblk, Hk, _ = v_exp_max.shape
-    G = Hq // Hk
-    r = v_reference_exponent(o_est, v_exp_max, rule)                       # [Hq, nblk]
-    token_block = np.arange(length) // BLOCK_TOKENS
-    gap = r[:, token_block] - unbiased_exponent32(p[:, :length])
-    tiers = tier_from_gap(gap, rule.v_thresholds).reshape(Hk, G, length).max(axis=1)
-    special = (np.asarray(v_exp_max) == FP16_SPECIAL_EXPONENT).any(axis=-1)  # [nblk, Hk]
-    tiers[special.T[:, token_block]] = 16
+    return _v_tiers_from(np.asarray(p)[:, :length], o_est, np.asarray(v_exp_max), rule)
+
+
+def _v_tiers_from(p, o_est, v_exp_max, rule: AlignmentRule) -> np.ndarray:
+    """The V rule batched over leading axes: ``p`` float32 [..., query_heads, n], ``o_est``
+    float32 [..., query_heads, D], ``v_exp_max`` uint8 [..., blocks, kv_heads, D] → uint8
+    [..., kv_heads, n]. Shared by :func:`v_tiers` and :func:`causal_decode_attention`."""
+    Hq, n = p.shape[-2:]
+    Hk = v_exp_max.shape[-2]
+    r = _v_reference_from_exponents(unbiased_exponent32(o_est),
+                                    v_exp_max.astype(np.int32), rule)       # [...,Hq,nblk]
+    token_block = np.arange(n) // BLOCK_TOKENS
+    gap = r[..., token_block] - unbiased_exponent32(p)
+    tiers = tier_from_gap(gap, rule.v_thresholds, rule.v_skip)
+    tiers = tiers.reshape(tiers.shape[:-2] + (Hk, Hq // Hk, n)).max(axis=-2)  # [...,Hk,n]
+    special = np.swapaxes((v_exp_max == FP16_SPECIAL_EXPONENT).any(axis=-1), -1, -2)
+    tiers[special[..., token_block]] = 16                                     # [...,Hk,n]
     return tiers
 
 
@@ -476,7 +538,9 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
             vt = np.full((Hk, n), 16, np.uint8)
         else:
             vt = v_tiers(p, o_est, vexp, n, rule)
-        V = join_planes(vh, vm, vl, _token_tiers_to_blocks(vt, nblk)).astype(np.float32)
+        vt_blocks = _token_tiers_to_blocks(vt, nblk)
+        V = join_planes(vh, vm, vl, vt_blocks).astype(np.float32)
+        V = np.where(vt_blocks == 0, np.float32(0), V)          # tier 0: not read
         V = V.transpose(1, 0, 2, 3).reshape(Hk, nblk * BLOCK_TOKENS, D)[:, :n]
         o = np.einsum("hgj,hjd->hgd", p.reshape(Hk, G, n).astype(np.float64),
                       V.astype(np.float64))
@@ -487,6 +551,191 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
             result.v_tiers.append(vt)
             result.scores.append(s[:, :n])
             result.weights.append(p)
+    return result
+
+
+@dataclass
+class CausalResult:
+    """What :func:`causal_decode_attention` returns.
+
+    Attributes
+    ----------
+    output : float16 [query_heads, N, D]
+        Row ``t``: the decode output for a cache of tokens ``0..t`` queried by ``q[:, t]``.
+    counters : int64 [len(COUNTER_NAMES)]
+        The decode kernels' byte counters summed over the N decode steps.
+    k_tiers : list of uint8 [kv_heads, blocks_t, D] per position (``keep_debug``)
+    v_tiers : list of uint8 [kv_heads, t + 1] per position (``keep_debug``)
+    """
+
+    output: np.ndarray
+    counters: np.ndarray
+    k_tiers: list = field(default_factory=list)
+    v_tiers: list = field(default_factory=list)
+
+    def counter_dict(self) -> dict:
+        return {n: int(c) for n, c in zip(COUNTER_NAMES, self.counters)}
+
+
+def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule = SEED_RULE,
+                            scale: float | None = None,
+                            keep_debug: bool = False) -> CausalResult:
+    """Every decode step of one sequence at once: teacher forcing through the aligned cache.
+
+    Row ``t`` of the output is what :func:`decode_attention` returns for a cache that holds
+    tokens ``0..t`` of ``K``/``V`` (appended in order, so the last block's exponent maxima
+    cover only the tokens up to ``t``) queried by ``q[:, t]``: the same tiers, the same fp32
+    scores, block statistics, top-k estimate and weights, computed for all positions with
+    batched matrix products instead of ``N`` calls. Use it for teacher-forced perplexity
+    (issue 5): one forward pass of a model whose every attention row is a decode step.
+
+    Parameters
+    ----------
+    q : float16 [query_heads, N, D]
+        Post-RoPE queries of positions ``0..N-1``.
+    K, V : float16 [kv_heads, N, D]
+        Post-RoPE keys and values; ``query_heads`` a multiple of ``kv_heads`` (GQA).
+    mode : {"aligned", "full"}
+    rule : AlignmentRule
+    scale : float, optional
+        Score scale, default ``1/sqrt(D)``.
+    keep_debug : bool
+        Keep the tiers of every position (memory grows as N²; for tests).
+
+    Returns
+    -------
+    CausalResult
+
+    Raises
+    ------
+    TypeError
+        q, K or V not float16.
+    ValueError
+        Shapes that disagree, head counts that do not divide, or an unknown mode.
+
+    Notes
+    -----
+    Sums in float64 as :func:`decode_attention` does; the order of the float64 sums differs,
+    so an fp32 score or output can differ from the per-step reference in its last bit (about
+    once in 10⁸); tiers are integer functions of those values (tests/test_reference.py).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    arrays = {"q": np.asarray(q), "K": np.asarray(K), "V": np.asarray(V)}
+    for name, x in arrays.items():
+        if x.dtype != np.float16:
+            raise TypeError(f"{name}: expected float16, got {x.dtype}")
+        if x.ndim != 3:
+            raise ValueError(f"{name}: expected 3 dimensions [heads, N, D], got shape {x.shape}")
+    q, K, V = arrays["q"], arrays["K"], arrays["V"]
+    Hq, N, D = q.shape
+    Hk = K.shape[0]
+    if K.shape != V.shape or K.shape[1:] != (N, D):
+        raise ValueError(f"K, V: expected [kv_heads, {N}, {D}] each, got {K.shape} and "
+                         f"{V.shape}")
+    if Hk < 1 or Hq % Hk:
+        raise ValueError(f"q: {Hq} query heads is not a multiple of {Hk} KV heads")
+    G = Hq // Hk
+    T = BLOCK_TOKENS
+    scale = np.float32(1.0 / np.sqrt(D) if scale is None else scale)
+    nblk = blocks_for(N)
+    pad = ((0, 0), (0, nblk * T - N), (0, 0))
+    Kp, Vp = np.pad(K, pad), np.pad(V, pad)                  # zeros: E = 1, never a maximum
+    tiers_of = (8, 12, 16)
+    k_read = {t: join_planes(*split_planes(Kp), t).astype(np.float64)
+              .reshape(Hk, nblk, T, D) for t in tiers_of}
+    v_read = {t: join_planes(*split_planes(Vp), t).astype(np.float64) for t in tiers_of}
+    for t in (8, 12):   # Inf/NaN only ever meet tier 16; keep 0 × Inf out of the products
+        k_read[t][~np.isfinite(k_read[t])] = 0
+        v_read[t][~np.isfinite(v_read[t])] = 0
+    v_special = ~np.isfinite(v_read[16]).all(axis=(0, 2))    # [nblk*64] tokens with Inf/NaN
+    v_rows8 = np.abs(join_planes(split_planes(Vp)[0], 0, 0, 8).astype(np.float32))
+    # exponent maxima as the cache holds them: whole blocks, and a running maximum inside
+    # the block being filled (append restarts a block's maxima at its first token)
+    ek_run = np.maximum.accumulate(exponent_field16(fp16_bits(Kp)).reshape(Hk, nblk, T, D),
+                                   axis=2)
+    ev_run = np.maximum.accumulate(exponent_field16(fp16_bits(Vp)).reshape(Hk, nblk, T, D),
+                                   axis=2)
+    eq = exponent_field16(fp16_bits(q))                      # [Hq, N, D]
+    qf = q.astype(np.float64).reshape(Hk, G, N, D)
+    kv_of_head = np.arange(Hq) // G
+    out = np.zeros((Hq, N, D), np.float16)
+    counters = np.zeros(len(COUNTER_NAMES), np.int64)
+    result = CausalResult(out, counters)
+    for c in range(nblk):                                    # the positions of block c
+        t0, t1 = c * T, min(N, c * T + T)
+        P, nb, width = t1 - t0, c + 1, (c + 1) * T
+        pos = np.arange(t0, t1)
+        valid = np.arange(width)[None, :] <= pos[:, None]    # [P, width]
+        ek = np.broadcast_to(ek_run[:, None, :nb, -1], (Hk, P, nb, D)).copy()
+        ek[:, :, c] = ek_run[:, c, :P]
+        ev = np.broadcast_to(ev_run[:, None, :nb, -1], (Hk, P, nb, D)).copy()
+        ev[:, :, c] = ev_run[:, c, :P]
+        ek = ek.transpose(1, 0, 2, 3)                        # [P, Hk, nb, D]
+        ev = ev.transpose(1, 2, 0, 3)                        # [P, nb, Hk, D]
+        if mode == "full":
+            kt = np.full((P, Hk, nb, D), 16, np.uint8)
+        else:
+            eq_c = eq[:, t0:t1].reshape(Hk, G, P, D).transpose(2, 0, 1, 3)
+            kt = _k_tiers_from_exponents(eq_c, ek, rule)      # [P, Hk, nb, D]
+        s = np.zeros((Hk, nb, G, P, T))
+        q_c = qf[:, :, t0:t1][:, None]                       # [Hk, 1, G, P, D]
+        for t in tiers_of:
+            m = (kt == t).transpose(1, 2, 0, 3)[:, :, None]  # [Hk, nb, 1, P, D]
+            if m.any():   # Inf/NaN of tokens past a position stay in masked scores
+                with np.errstate(invalid="ignore", over="ignore"):
+                    s += np.matmul(q_c * m, k_read[t][:, :nb, None].swapaxes(-1, -2))
+        s = (s.transpose(0, 2, 3, 1, 4).astype(np.float32) * scale).reshape(Hq, P, nb, T)
+        with np.errstate(invalid="ignore", over="ignore"):
+            s_masked = np.where(valid.reshape(P, nb, T)[None], s, -np.inf)
+            bmax = s_masked.max(axis=-1)                      # [Hq, P, nb]
+            barg = s_masked.argmax(axis=-1) + np.arange(nb) * T
+            bsum = np.exp(s_masked - bmax[..., None]).sum(axis=-1, dtype=np.float32)
+            m_row = bmax.max(axis=-1)                         # [Hq, P]
+            l_row = (bsum * np.exp(bmax - m_row[..., None])).sum(axis=-1, dtype=np.float32)
+            p = np.exp(s.reshape(Hq, P, width) - m_row[..., None]) / l_row[..., None]
+        p = np.where(valid[None], p, np.float32(0)).astype(np.float32)
+        # the V-side estimate: arg-max tokens of the top-k blocks, hi plane only
+        k_sel = min(rule.topk, nb)
+        order = np.argsort(-bmax.astype(np.float64), axis=-1, kind="stable")[..., :k_sel]
+        tok = np.take_along_axis(barg, order, axis=-1)        # [Hq, P, k]
+        terms = np.take_along_axis(p, tok, axis=-1)[..., None] * \
+            v_rows8[kv_of_head[:, None, None], tok]           # [Hq, P, k, D] fp32
+        o_est = np.zeros((Hq, P, D), np.float32)
+        for r in range(k_sel):                                # the kernel's order
+            o_est += terms[:, :, r]
+        if mode == "full":
+            vt = np.full((P, Hk, width), 16, np.uint8)
+        else:
+            vt = _v_tiers_from(p.transpose(1, 0, 2), o_est.transpose(1, 0, 2), ev, rule)
+        o = np.zeros((Hk, G, P, D))
+        pg = p.reshape(Hk, G, P, width).astype(np.float64)
+        vt_h = vt.transpose(1, 0, 2)[:, None]                 # [Hk, 1, P, width]
+        for t in tiers_of:
+            m = vt_h == t
+            if t == 16 and v_special[:width].any():   # rows sum only their own tokens
+                for i in range(P):
+                    n_i = pos[i] + 1
+                    o[:, :, i] += np.einsum("hgj,hjd->hgd", (pg * m)[:, :, i, :n_i],
+                                            v_read[t][:, :n_i])
+            elif m.any():
+                o += np.matmul(pg * m, v_read[t][:, None, :width])
+        out[:, t0:t1] = o.reshape(Hq, P, D).astype(np.float32).astype(np.float16)
+        # the kernels' byte counters, summed over the P decode steps
+        lengths = pos + 1
+        vt_valid = np.where(valid[:, None], vt, 0)
+        counters[0] += T * kt.size
+        counters[1] += (T // 2) * int((kt >= 12).sum())
+        counters[2] += (T // 2) * int((kt >= 16).sum())
+        counters[3] += D * int((vt_valid > 0).sum())
+        counters[4] += (D // 2) * int((vt_valid >= 12).sum())
+        counters[5] += (D // 2) * int((vt_valid >= 16).sum())
+        counters[6] += P * (2 * D * nb * Hk + D * Hq * k_sel)
+        counters[7] += D * Hk * int(lengths.sum())
+        if keep_debug:
+            for i in range(P):
+                result.k_tiers.append(kt[i].copy())
+                result.v_tiers.append(vt[i, :, :pos[i] + 1].copy())
     return result
 
 
@@ -506,7 +755,7 @@ def _count_bytes(kt, vt, n, Hq, nblk, D, rule):
     c[0] = BLOCK_TOKENS * kt.size
     c[1] = half_t * int((kt >= 12).sum())
     c[2] = half_t * int((kt >= 16).sum())
-    c[3] = D * vt.size
+    c[3] = D * int((vt > 0).sum())
     c[4] = half_d * int((vt >= 12).sum())
     c[5] = half_d * int((vt >= 16).sum())
     assert c[:3].sum() == k_bytes_per_channel_block(kt).sum()

@@ -420,7 +420,8 @@ __device__ __forceinline__ void decode_values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
     const uint8_t* __restrict__ v_lo, const uint8_t* __restrict__ v_exp, int num_kv_heads,
-    int group, int full_mode, int t8, int t12, int bias, const float* __restrict__ scores,
+    int group, int full_mode, int t8, int t12, int skip, int bias,
+    const float* __restrict__ scores,
     const float* __restrict__ stats, const float* __restrict__ o_est,
     float* __restrict__ partial, unsigned long long* __restrict__ counters,
     uint8_t* __restrict__ v_tier_map) {
@@ -467,7 +468,7 @@ __device__ __forceinline__ void decode_values(
   if (tid < T) {
     const int tok = blk * T + tid;
     const bool valid = tok < n;
-    int tier = 8;
+    int tier = 0;
     for (int g = 0; g < group; ++g) {
       const long long qrow = (long long)b * num_q_heads + h * group + g;
       float p = 0.f;
@@ -476,7 +477,7 @@ __device__ __forceinline__ void decode_values(
         p = expf(s - stats[qrow * 2]) / stats[qrow * 2 + 1];
       }
       s_p[g][tid] = p;
-      tier = max(tier, akv_tier_from_gap(s_r[g] - akv_unbiased_exp32(p), t8, t12));
+      tier = max(tier, akv_v_tier_from_gap(s_r[g] - akv_unbiased_exp32(p), skip, t8, t12));
     }
     if (full_mode || s_special) tier = 16;
     s_tier[tid] = valid ? tier : 0;
@@ -547,11 +548,11 @@ __device__ __forceinline__ void decode_values(
   extern "C" __global__ void __launch_bounds__(kValueThreads) akv_decode_values_d##D(       \
       const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
       const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
-      int group, int full_mode, int t8, int t12, int bias, const float* scores,              \
+      int group, int full_mode, int t8, int t12, int skip, int bias, const float* scores,    \
       const float* stats, const float* o_est, float* partial, unsigned long long* counters,  \
       uint8_t* v_tier_map) {                                                                 \
     decode_values<D>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,         \
-                     num_kv_heads, group, full_mode, t8, t12, bias, scores, stats, o_est,    \
+                     num_kv_heads, group, full_mode, t8, t12, skip, bias, scores, stats, o_est, \
                      partial, counters, v_tier_map);                                         \
   }
 AKV_VALUES_ENTRY(64)

@@ -213,7 +213,8 @@ __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
     const uint8_t* __restrict__ v_lo, const uint8_t* __restrict__ v_exp, int num_kv_heads,
-    int full_mode, int t8, int t12, int bias, const float* __restrict__ scores_in,
+    int full_mode, int t8, int t12, int skip, int bias,
+    const float* __restrict__ scores_in,
     const float* __restrict__ stats, const float* __restrict__ o_est,
     float* __restrict__ partial, unsigned long long* __restrict__ counters,
     uint8_t* __restrict__ v_tier_map) {
@@ -258,7 +259,7 @@ __device__ __forceinline__ void values(
   if (tid < T) {
     const int tok = blk * T + tid;
     const bool valid = tok < n;
-    int tier = 8;
+    int tier = 0;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const long long qrow = (long long)b * num_q_heads + h * G + g;
@@ -268,7 +269,7 @@ __device__ __forceinline__ void values(
         p = expf(s - stats[qrow * 2]) / stats[qrow * 2 + 1];
       }
       s_p[g][tid] = p;
-      tier = max(tier, akv_tier_from_gap(s_r[g] - akv_unbiased_exp32(p), t8, t12));
+      tier = max(tier, akv_v_tier_from_gap(s_r[g] - akv_unbiased_exp32(p), skip, t8, t12));
     }
     if (full_mode || s_special) tier = 16;
     s_tier[tid] = valid ? tier : 0;
@@ -360,10 +361,10 @@ __device__ __forceinline__ void values(
   extern "C" __global__ void __launch_bounds__(128) akv_decode_values_v2_d##D##_g##G(       \
       const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
       const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
-      int group, int full_mode, int t8, int t12, int bias, const float* scores,              \
+      int group, int full_mode, int t8, int t12, int skip, int bias, const float* scores,    \
       const float* stats, const float* o_est, float* partial, unsigned long long* counters,  \
       uint8_t* v_tier_map) {                                                                 \
     akv2::values<D, G>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
-                       num_kv_heads, full_mode, t8, t12, bias, scores, stats, o_est,         \
+                       num_kv_heads, full_mode, t8, t12, skip, bias, scores, stats, o_est,   \
                        partial, counters, v_tier_map);                                       \
   }

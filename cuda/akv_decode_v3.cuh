@@ -277,7 +277,7 @@ __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
     const uint8_t* __restrict__ v_lo, const uint8_t* __restrict__ v_exp, int num_kv_heads,
-    int full_mode, int t8, int t12, int bias, int split_blocks,
+    int full_mode, int t8, int t12, int skip, int bias, int split_blocks,
     const float* __restrict__ scores_in, const float* __restrict__ stats,
     const float* __restrict__ o_est, float* __restrict__ partial,
     unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map) {
@@ -341,7 +341,7 @@ __device__ __forceinline__ void values(
   for (int t = tid; t < count * T; t += 128) {
     const int j = t / T, tok = first * T + t;
     const bool valid = tok < n;
-    int tier = 8;
+    int tier = 0;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float p = 0.f;
@@ -350,7 +350,7 @@ __device__ __forceinline__ void values(
         p = expf(s - stats[(qhead + g) * 2]) / stats[(qhead + g) * 2 + 1];
       }
       s_p[g][t] = p;
-      tier = max(tier, akv_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p), t8, t12));
+      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p), skip, t8, t12));
     }
     if (full_mode || s_special[j]) tier = 16;
     s_tier[t] = valid ? tier : 0;
@@ -510,10 +510,11 @@ __device__ __forceinline__ void values(
   extern "C" __global__ void __launch_bounds__(128) akv_decode_values_v##V##_d##D##_g##G(   \
       const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
       const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
-      int group, int full_mode, int t8, int t12, int bias, int split_blocks,                 \
+      int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
       const float* scores, const float* stats, const float* o_est, float* partial,           \
       unsigned long long* counters, uint8_t* v_tier_map) {                                   \
     akv3::values<D, G, VALUE_STAGES>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
-                       num_kv_heads, full_mode, t8, t12, bias, split_blocks, scores, stats,  \
+                       num_kv_heads, full_mode, t8, t12, skip, bias, split_blocks, scores,   \
+                       stats,                                                                \
                        o_est, partial, counters, v_tier_map);                                \
   }

@@ -37,6 +37,11 @@ __device__ __forceinline__ int akv_tier_from_gap(int gap, int t8, int t12) {
   return gap >= t8 ? 8 : (gap >= t12 ? 12 : 16);
 }
 
+// V side: tier 0 (the token is not read) at gap >= skip (reference.tier_from_gap).
+__device__ __forceinline__ int akv_v_tier_from_gap(int gap, int skip, int t8, int t12) {
+  return gap >= skip ? 0 : akv_tier_from_gap(gap, t8, t12);
+}
+
 // fp16 bit pattern from planes read at `tier` (one value).
 __device__ __forceinline__ uint32_t akv_join_bits(uint32_t hi, uint32_t mid, uint32_t lo,
                                                   int tier) {

@@ -10,6 +10,7 @@ from akv_runtime import driver
 from akv_runtime.arrays import ArrayInfo
 from akv_runtime.cache import AlignedKVCache
 from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES, PlaneLayout
+from akv_runtime.reference import NEVER_SKIP
 
 from fake_driver import CUresult, FakeDriver, cuda_sources, parse_kernel_signatures
 
@@ -184,7 +185,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert split == 1                         # 2 blocks x 3 heads x 2 sequences: no splitting
     assert backend.split_blocks(512, 32, 8) == 8 and backend.split_blocks(64, 32, 1) == 2
     assert scores["grid"] == (nblk, Hk, B) and values["grid"] == (nblk, Hk, B)
-    assert scores["args"][16] == split and values["args"][13] == split
+    assert scores["args"][16] == split and values["args"][14] == split
+    assert values["args"][12] == NEVER_SKIP                     # the seed rule never skips
     assert combine["args"][4] == split
     assert estimate["grid"] == (Hq, B, 1) and combine["grid"] == (Hq, B, 1)
     assert all(x["stream"] == 0x77 for x in fake.launches)

@@ -118,24 +118,29 @@ def test_decode_full_matches_fp16_attention(rng, D, Hk, Hq, B, n, paged):
         assert R.relative_error(o[b], sdpa.float().cpu().numpy()) < 2e-3
 
 
+SKIPPING = R.AlignmentRule(name="skip-test", v_skip=10)   # aggressive: some tokens skip
+
+
+@pytest.mark.parametrize("rule", [R.SEED_RULE, SKIPPING], ids=["seed", "v_skip"])
 @pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1500, False),
                                                 (64, 3, 9, 2, 2100, True),
                                                 (128, 8, 32, 1, 700, False)])
-def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged):
+def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule):
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
     q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D)))).astype(np.float16)
     gpu.reset_counters()
-    o, info = gpu.attend(0, torch.from_numpy(q).cuda(), mode="aligned", count=True, debug=True)
+    o, info = gpu.attend(0, torch.from_numpy(q).cuda(), mode="aligned", count=True, debug=True,
+                         rule=rule)
     o = o.cpu().numpy()
-    ref = cpu.attend(0, q, mode="aligned", debug=True)[1]
+    ref = cpu.attend(0, q, mode="aligned", debug=True, rule=rule)[1]
     planes = cpu._backend.layer_planes(0)
     nblk = -(-n // BLOCK_TOKENS)
     counted = np.zeros(8, np.int64)
     for b in range(B):
         blocks = cpu.block_table[b, :nblk]
         # K tiers: an integer function of q and the exponent maxima -> exactly equal
-        kt_ref = R.k_tiers(q[b], planes["k_exp_max"][blocks])
+        kt_ref = R.k_tiers(q[b], planes["k_exp_max"][blocks], rule)
         assert np.array_equal(info["k_tiers"][b], kt_ref)
         assert np.array_equal(info["k_tiers"][b], ref["k_tiers"][b])
         # scores and softmax statistics agree to fp32 rounding
@@ -148,7 +153,7 @@ def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged):
         # V tiers: the reference rule applied to the kernel's own scores, m, l and O_est
         # must give the kernel's tiers, except where exp() rounds across a power of two
         p = (np.exp(info["scores"][b] - m[:, None]) / l[:, None]).astype(np.float32)
-        vt_ref = R.v_tiers(p, info["o_est"][b], planes["v_exp_max"][blocks], n)
+        vt_ref = R.v_tiers(p, info["o_est"][b], planes["v_exp_max"][blocks], n, rule)
         diff = info["v_tiers"][b] != vt_ref
         if diff.any():
             frac = np.abs(np.log2(p) - np.round(np.log2(p)))
@@ -156,12 +161,14 @@ def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged):
             assert not (diff & ~near).any(), int((diff & ~near).sum())
         assert diff.mean() < 1e-3
         counted += R._count_bytes(info["k_tiers"][b], info["v_tiers"][b], n, Hq, nblk, D,
-                                  R.SEED_RULE)
+                                  rule)
+        if rule.v_skip is not None:
+            assert (info["v_tiers"][b] == 0).any()      # the skip tier is exercised
         # the output against the reference's aligned output (same tiers, so the same
         # function up to fp32 summation order). How close the seed rule itself stays to
         # float64 is a property of the rule, not of the kernel: on these synthetic inputs it
         # ranged from 1x to 15x plain fp16's error (issue 5), so it is not asserted here.
-        ref_o = cpu.attend(0, q, mode="aligned")[b]
+        ref_o = cpu.attend(0, q, mode="aligned", rule=rule)[b]
         assert R.relative_error(o[b], ref_o) < 2e-3
     # the kernel's counters equal the bytes implied by the tiers it used
     got = gpu.counters()

@@ -169,3 +169,45 @@ def test_rule_validation():
         R.AlignmentRule(topk=0)
     with pytest.raises(ValueError, match="mode"):
         R.decode_attention({}, np.zeros((1, 1, 64), np.float16), [[0]], [1], mode="fast")
+
+
+@pytest.mark.parametrize("Hq,Hk,D,n,mode", [(9, 3, 64, 150, "aligned"), (4, 4, 128, 70, "aligned"),
+                                           (6, 2, 64, 130, "full")])
+def test_causal_decode_attention_equals_decode_steps(rng, Hq, Hk, D, n, mode):
+    """Teacher forcing in one call equals N decode steps through the cache, position by
+    position: same tiers, same fp16 outputs, same byte counters (tokens appended one by one,
+    so the block being filled has running exponent maxima). One Inf in K and V."""
+    from akv_runtime.workload import synthetic_kv, synthetic_q
+    K, V = synthetic_kv(rng, 1, Hk, n, D, 0.5)
+    K, V = K[0], V[0]
+    K[0, 100 % n, 3] = np.inf
+    V[-1, n // 2, 5] = -np.inf
+    q = np.concatenate([synthetic_q(rng, 1, Hq, D, 0.5, num_kv_heads=Hk)[0][:, None]
+                        for _ in range(n)], axis=1)                      # [Hq, n, D]
+    res = R.causal_decode_attention(q, K, V, mode=mode, keep_debug=True)
+    planes, table = _fresh_planes(1, 1, Hk, D, n)
+    counters = np.zeros_like(res.counters)
+    for t in range(n):
+        R.append_tokens(planes, table, [t], K[None, :, t:t + 1], V[None, :, t:t + 1])
+        step = R.decode_attention(planes, q[None, :, t], table, [t + 1], mode=mode,
+                                  keep_debug=True)
+        assert np.array_equal(step.k_tiers[0], res.k_tiers[t]), t
+        assert np.array_equal(step.v_tiers[0], res.v_tiers[t]), t
+        np.testing.assert_array_equal(step.output[0].view(np.uint16),
+                                      res.output[:, t].view(np.uint16))
+        counters += step.counters
+    np.testing.assert_array_equal(counters, res.counters)
+    assert mode == "full" or (res.counters[2] < res.counters[0] // 2)   # the rule truncated
+
+
+def test_causal_decode_attention_rejects_bad_input():
+    q = np.zeros((4, 10, 64), np.float16)
+    K = np.zeros((2, 10, 64), np.float16)
+    with pytest.raises(TypeError, match="q: expected float16"):
+        R.causal_decode_attention(q.astype(np.float32), K, K)
+    with pytest.raises(ValueError, match="K, V"):
+        R.causal_decode_attention(q, K, K[:, :9])
+    with pytest.raises(ValueError, match="multiple"):
+        R.causal_decode_attention(q[:3], K, K)
+    with pytest.raises(ValueError, match="mode"):
+        R.causal_decode_attention(q, K, K, mode="fast")
