@@ -718,8 +718,9 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
                     n_i = pos[i] + 1
                     o[:, :, i] += np.einsum("hgj,hjd->hgd", (pg * m)[:, :, i, :n_i],
                                             v_read[t][:, :n_i])
-            elif m.any():
-                o += np.matmul(pg * m, v_read[t][:, None, :width])
+            elif m.any():   # [Hk, G*P, width] @ [Hk, width, D]: no broadcast, BLAS
+                o += np.matmul((pg * m).reshape(Hk, G * P, width),
+                               v_read[t][:, :width]).reshape(Hk, G, P, D)
         out[:, t0:t1] = o.reshape(Hq, P, D).astype(np.float32).astype(np.float16)
         # the kernels' byte counters, summed over the P decode steps
         lengths = pos + 1
