@@ -1,6 +1,7 @@
 """Run decode attention a few times at one shape, for a profiler (ncu) to look at.
 
 python scripts/profile_decode.py [--shape llama2-7b] [--batch 8] [--context 16384] [--version 3]
+                                 [--rule seed]
 """
 import argparse
 
@@ -9,6 +10,7 @@ import torch
 from akv_runtime import workload
 from akv_runtime.bench import SHAPES
 from akv_runtime.cache import AlignedKVCache
+from akv_runtime.reference import named_rule
 
 
 def main():
@@ -18,12 +20,13 @@ def main():
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--version", type=int, default=3)
     parser.add_argument("--mode", default="aligned")
+    parser.add_argument("--rule", default="seed", help="named rule (reference.RULES)")
     args = parser.parse_args()
     Hq, Hk, D = SHAPES[args.shape]
     rng = torch.Generator(device="cuda")
     rng.manual_seed(0)
     cache = AlignedKVCache(1, Hk, D, args.context, num_query_heads=Hq, batch_size=args.batch,
-                           backend="cuda")
+                           backend="cuda", rule=named_rule(args.rule))
     cache._backend.set_decode_version(args.version)
     k, v = workload.synthetic_kv(rng, args.batch, Hk, args.context, D, 0.5)
     q = workload.synthetic_q(rng, args.batch, Hq, D, 0.5, num_kv_heads=Hk)
