@@ -35,6 +35,12 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _check_bool(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA backend cannot run here, or None when it can."""
     from . import driver
@@ -229,12 +235,15 @@ class AlignedKVCache:
 
     # ----------------------------------------------------------------- attend
     def attend(self, layer: int, q, *, mode: str = "aligned", out=None, stream=None,
-               count: bool = False, debug: bool = False, rule: AlignmentRule | None = None):
+               count: bool = False, debug: bool = False, rule: AlignmentRule | None = None,
+               strict: bool = False):
         """Decode attention of one query token per sequence over ``layer``'s cache.
 
         ``o = softmax(q·Kᵀ/√D)·V`` with K read per (block, channel) and V per token at the
         tiers the precision-alignment rule picks (``mode="aligned"``, DESIGN.md section 4), or
         at all 16 bits (``mode="full"``, equal to fp16 attention up to fp32 rounding).
+        ``strict=True`` asks for the 16-bit read on this call only, so requests that need
+        exact fp16 attention can be served from the same cache as aligned ones.
 
         Parameters
         ----------
@@ -252,6 +261,9 @@ class AlignedKVCache:
             (copies to the host; for tests).
         rule : AlignmentRule, optional
             Override the cache's rule for this call.
+        strict : bool
+            Read all 16 bits for this call, whatever ``mode`` says: the result (and the bytes
+            counted) is exactly that of ``mode="full"``. Default ``False``: ``mode`` decides.
 
         Returns
         -------
@@ -261,11 +273,14 @@ class AlignedKVCache:
         Raises
         ------
         TypeError, ValueError
-            Bad dtype/shape/device/layer/mode, or a sequence that holds no tokens.
+            Bad dtype/shape/device/layer/mode/strict, or a sequence that holds no tokens.
         """
         layer = self._check_layer(layer)
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        strict = _check_bool("strict", strict)
+        if strict:
+            mode = "full"
         rule = self.rule if rule is None else rule
         if not isinstance(rule, AlignmentRule):
             raise TypeError(f"rule: expected an AlignmentRule, got {type(rule).__name__}")

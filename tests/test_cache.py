@@ -124,3 +124,41 @@ def test_counters_and_reset(cache, rng):
     assert cache.lengths().sum() == 0
     with pytest.raises(ValueError, match="holds no tokens"):
         cache.attend(0, q)
+
+
+def test_strict_reads_all_16_bits_on_this_call_only(rng):
+    """strict=True equals mode="full" bit for bit (output and bytes counted), and differs
+    from the aligned read where that truncates."""
+    B, Hk, Hq, D, n = 2, 2, 6, 64, 300
+    cache = AlignedKVCache(1, Hk, D, n, num_query_heads=Hq, batch_size=B, backend="numpy")
+    K, V = kv(rng, B, Hk, n, D)
+    K[..., 7] *= np.float16(40)               # an outlier channel: lower tiers elsewhere
+    cache.append(0, K, V)
+    q = (rng.standard_normal((B, Hq, D)) * 2).astype(np.float16)
+    results = {}
+    for name, kwargs in (("full", dict(mode="full")), ("strict", dict(strict=True)),
+                         ("aligned", dict()), ("aligned_np", dict(strict=np.False_))):
+        cache.reset_counters()
+        out, dbg = cache.attend(0, q, count=True, debug=True, **kwargs)
+        results[name] = (out, cache.counters(), dbg)
+    full, strict, aligned = results["full"], results["strict"], results["aligned"]
+    assert np.array_equal(strict[0].view(np.uint16), full[0].view(np.uint16))
+    assert strict[1] == full[1] and strict[1]["bits_per_value"]["v"] == 16.0
+    assert all((t == 16).all() for t in strict[2]["k_tiers"] + strict[2]["v_tiers"])
+    # the aligned read truncated something here, and its output differs
+    assert any((t < 16).any() for t in aligned[2]["k_tiers"] + aligned[2]["v_tiers"])
+    assert not np.array_equal(aligned[0], strict[0])
+    assert aligned[1]["bits_per_value"]["total"] < strict[1]["bits_per_value"]["total"]
+    assert np.array_equal(results["aligned_np"][0], aligned[0])
+    # strict overrides mode, on this call only
+    assert np.array_equal(cache.attend(0, q, mode="aligned", strict=True), full[0])
+    assert np.array_equal(cache.attend(0, q), aligned[0])
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None, 1.0])
+def test_strict_must_be_a_bool(cache, rng, value):
+    q = rng.standard_normal((2, 4, 64)).astype(np.float16)
+    snap = snapshot(cache)
+    with pytest.raises(TypeError, match="strict: expected a bool"):
+        cache.attend(0, q, strict=value)
+    assert_unchanged(cache, snap)

@@ -206,3 +206,30 @@ def test_reset_empties_the_store(rng):
     cache.reset()
     assert cache.get_seq_length() == 0
     assert np.all(cache.store.lengths() == 0)
+
+
+def test_strict_cache_serves_exact_requests(rng):
+    """AlignedCache(strict=True) reads all 16 bits: the same logits as mode="full"; the
+    attribute can be switched between steps of one cache; it must be a bool."""
+    model = tiny_llama(seed_of(rng), 4, 2)
+    hf.use_aligned_attention(model)
+    ids = random_ids(rng, 140)
+    full = teacher_forced_logits(
+        model, ids, hf.AlignedCache.for_model(model, 192, backend="numpy", mode="full"), 128)
+    strict_cache = hf.AlignedCache.for_model(model, 192, backend="numpy", strict=True,
+                                             count=True)
+    assert strict_cache.strict is True
+    strict = teacher_forced_logits(model, ids, strict_cache, 128)
+    assert torch.equal(strict, full)
+    assert strict_cache.store.counters()["bits_per_value"]["v"] == 16.0
+    aligned = teacher_forced_logits(
+        model, ids, hf.AlignedCache.for_model(model, 192, backend="numpy"), 128)
+    assert not torch.equal(aligned, full)
+    # switched off between requests: the same cache now serves aligned reads
+    strict_cache.reset()
+    strict_cache.strict = False
+    assert torch.equal(teacher_forced_logits(model, ids, strict_cache, 128), aligned)
+    with pytest.raises(TypeError, match="strict: expected a bool"):
+        strict_cache.strict = 1
+    with pytest.raises(TypeError, match="strict: expected a bool"):
+        hf.AlignedCache.for_model(model, 32, backend="numpy", strict="no")

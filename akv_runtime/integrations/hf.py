@@ -13,6 +13,8 @@ Two pieces, for transformers 5.x (tested with 5.17 and 5.24):
   - a decode step (one query token) is served by ``AlignedKVCache.attend(layer, q)`` – the
     precision-aligned decode attention of the runtime (CUDA kernels on torch's current stream,
     read through DLPack-compatible pointers; or the numpy reference on a CPU), GQA included;
+    with ``AlignedCache(..., strict=True)`` (or ``cache.strict = True`` between calls) it
+    reads all 16 bits, i.e. exact fp16 attention from the same cache;
   - a prefill (several query tokens on an empty cache) is plain torch SDPA on the fresh K/V.
 
   Any other call (e.g. a stock ``DynamicCache``) goes to transformers' SDPA unchanged, so one
@@ -124,15 +126,36 @@ class AlignedCache(Cache):
         that call's bytes. :class:`akv_runtime.workload.DecodeMeter.observe` fits.
     mode : {"aligned", "full"}
         The decode attention's mode.
+    strict : bool
+        Read all 16 bits on every decode step (``attend(..., strict=True)``): exact fp16
+        attention from the same planes, whatever ``mode`` says. An attribute, so a caller
+        can switch it between requests (or steps) on one cache. Default ``False``.
+
+    Raises
+    ------
+    TypeError
+        ``strict`` is not a bool.
     """
 
     def __init__(self, store: AlignedKVCache, *, count: bool = False, observer=None,
-                 mode: str = "aligned"):
+                 mode: str = "aligned", strict: bool = False):
         super().__init__(layers=[AlignedLayer(store, i) for i in range(store.num_layers)])
         self.store = store
         self.count = count
         self.observer = observer
         self.mode = mode
+        self.strict = strict
+
+    @property
+    def strict(self) -> bool:
+        """Whether decode steps read all 16 bits (see the class docstring)."""
+        return self._strict
+
+    @strict.setter
+    def strict(self, value) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"strict: expected a bool, got {type(value).__name__}")
+        self._strict = bool(value)
 
     @classmethod
     def for_model(cls, model, max_seq_len: int, *, batch_size: int = 1, rule=SEED_RULE,
@@ -200,7 +223,7 @@ class AlignedCache(Cache):
         store = self.store
         if self.count and self.observer is not None:
             store.reset_counters()  # the observer reads this call's bytes
-        out = store.attend(layer, q, mode=self.mode, count=self.count)
+        out = store.attend(layer, q, mode=self.mode, count=self.count, strict=self.strict)
         if self.observer is not None:
             self.observer(store, layer, q, out)
         return out.unsqueeze(1)
