@@ -14,10 +14,11 @@ BOS first).
 Attention-level data: ``model.capture_kv`` on GPL-3 by default, or a trace written by
 ``run --save-trace`` (``--trace``). Each kept layer is replayed as the attention-level
 workload does it: the first ``context_tokens`` tokens are appended to an
-:class:`~akv_runtime.cache.AlignedKVCache` (numpy backend), then at each decode position the
-position's K/V are appended and the position's query attends
-(``cache.attend(..., count=True, debug=True)``, that is
-:func:`akv_runtime.reference.decode_attention` under the seed rule).
+:class:`~akv_runtime.cache.AlignedKVCache` (numpy backend, or the CUDA kernels with
+``--backend cuda``), then at each decode position the position's K/V are appended and the
+position's query attends (``cache.attend(..., count=True, debug=True)``, that is
+:func:`akv_runtime.reference.decode_attention` or its kernels) under the rule named by
+``--rule`` (``reference.RULES``: ``seed``, the default, or ``tuned``).
 
 1. **Element-wise relative error buckets** (AlignedKV paper, Table 1) of the two products
    ``q·Kᵀ`` (scores, unscaled) and ``p·V`` (attention output), each against the *same
@@ -68,7 +69,7 @@ End-to-end part (the four cache variants; ``VARIANTS``):
 
 * ``fp16`` — the exact fp16 cache: the model as it is (transformers' SDPA).
 * ``aligned`` — the aligned cache: every decode attention reads K and V at the tiers of the
-  seed rule (``reference.causal_decode_attention`` / ``AlignedKVCache.attend``).
+  ``--rule`` (``reference.causal_decode_attention`` / ``AlignedKVCache.attend``).
 * ``trunc8`` — peer: every K/V value read from the hi plane only, the dropped 8 bits refilled
   with the midpoint ``0x80`` (:func:`trunc8` = ``join_planes(*split_planes(x), 8)``): a
   uniform 8-bit read of the same planes.
@@ -93,7 +94,7 @@ End-to-end part (the four cache variants; ``VARIANTS``):
      of tokens a causal cache would not have seen yet (a static, calibrated scale in
      effect; slightly favourable to the peer);
    * ``aligned``: :func:`reference.causal_decode_attention` ``(q [Hq, N, D], K, V
-     [Hk, N, D], rule=SEED_RULE, scale=the model's scaling)``, whose row ``t`` is
+     [Hk, N, D], rule=the --rule, scale=the model's scaling)``, whose row ``t`` is
      :func:`reference.decode_attention` on a cache of tokens ``0..t`` appended in order
      (numpy twin of the kernels). This equals feeding the document one token at a time
      into an empty aligned cache (every position a decode step, no SDPA prefill).
@@ -172,7 +173,7 @@ PROMPTS = (
 #: The largest finite magnitude of FP8 E4M3 (``torch.float8_e4m3fn``).
 FP8_E4M3_MAX = 448.0
 
-DEFAULT = {"layers": 7, "context_tokens": 1024, "decode_steps": 64,
+DEFAULT = {"layers": 7, "context_tokens": 2048, "decode_steps": 64,
            "ppl_tokens": 1024, "ppl_texts": PPL_TEXTS, "prompts": len(PROMPTS),
            "gen_tokens": 128}
 QUICK = {"layers": 2, "context_tokens": 256, "decode_steps": 8,
@@ -255,7 +256,8 @@ def capture_trace(context_tokens: int, decode_steps: int, layers: int, text: str
 
 
 def evaluate(trace, *, decode_steps: int | None = None, layers=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, rule: AlignmentRule = SEED_RULE,
+             backend: str = "numpy") -> dict:
     """Run the attention-level part over a trace; returns the JSON-ready result (the
     end-to-end keys ``token_agreement`` and ``perplexity`` are ``None`` here; :func:`run`
     fills them).
@@ -270,6 +272,11 @@ def evaluate(trace, *, decode_steps: int | None = None, layers=None,
         Model layers to replay (default: all of the trace's).
     progress : bool
         Show a tqdm bar over the (layer, position) loop.
+    rule : AlignmentRule
+        The aligned read's rule (``reference.RULES``).
+    backend : {"numpy", "cuda", "auto"}
+        Where the cache's decode attention runs: the numpy reference, or the CUDA kernels
+        (their counters and tiers; ``auto`` picks CUDA when a device is usable).
     """
     from tqdm.auto import tqdm
     from .cache import AlignedKVCache
@@ -281,7 +288,21 @@ def evaluate(trace, *, decode_steps: int | None = None, layers=None,
     kept = trace.layers if layers is None else [int(x) for x in layers]
     Hq, Hk, D = (int(meta[k]) for k in ("num_query_heads", "num_kv_heads", "head_dim"))
     cache = AlignedKVCache(len(kept), Hk, D, C_first + steps, num_query_heads=Hq,
-                           backend="numpy")
+                           backend=backend, rule=rule)
+    if cache.backend == "cuda":
+        import torch
+
+        def dev(x):      # the CUDA backend takes device tensors (zero-copy through DLPack)
+            return torch.from_numpy(np.ascontiguousarray(x)).cuda()
+
+        def host(x):
+            return x.cpu().numpy()
+    else:
+        def dev(x):
+            return x
+
+        def host(x):
+            return x
     counts = {s: {r: np.zeros(6, np.int64) for r in ROWS} for s in SIDES}
     errs = {"aligned": [], "fp16": []}
     t0 = time.perf_counter()
@@ -292,13 +313,14 @@ def evaluate(trace, *, decode_steps: int | None = None, layers=None,
     for i, layer in enumerate(kept):
         cache.reset_counters()      # this layer's bytes only (bits per layer)
         k_all, v_all, q_all = trace.k[layer], trace.v[layer], trace.q[layer]
-        cache.append(i, k_all[None, :, :C_first], v_all[None, :, :C_first])
+        cache.append(i, dev(k_all[None, :, :C_first]), dev(v_all[None, :, :C_first]))
         for step in range(steps):
             pos = C_first + step
             n = pos + 1
-            cache.append(i, k_all[None, :, pos:n], v_all[None, :, pos:n])
+            cache.append(i, dev(k_all[None, :, pos:n]), dev(v_all[None, :, pos:n]))
             q = np.ascontiguousarray(q_all[:, pos - trace.context_tokens])   # [Hq, D]
-            out, dbg = cache.attend(i, q[None], count=True, debug=True)
+            out, dbg = cache.attend(i, dev(q[None]), count=True, debug=True)
+            out = host(out)
             K, V = k_all[:, :n], v_all[:, :n]
             K16, V16 = cache.read(i, 0, tier=16)
             K_al, V_al = aligned_kv(K, V, dbg["k_tiers"][0], dbg["v_tiers"][0])
@@ -330,8 +352,12 @@ def evaluate(trace, *, decode_steps: int | None = None, layers=None,
     return {
         "kv_source": f"real q/K/V of {meta.get('model', '?')} on {meta.get('text', '?')} "
                      f"(post-RoPE, fp16)",
-        "machine": "CPU, numpy reference",
-        "rule": ref.SEED_RULE.name,
+        "machine": ("GPU, CUDA kernels" if cache.backend == "cuda"
+                    else "CPU, numpy reference"),
+        "rule": rule.name,
+        "rule_fields": {"k_thresholds": list(rule.k_thresholds),
+                        "v_thresholds": list(rule.v_thresholds), "topk": rule.topk,
+                        "v_bias": rule.v_bias, "v_skip": rule.v_skip},
         "layers": kept,
         "context_tokens": C_first,
         "decode_steps": steps,
@@ -987,6 +1013,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the first N of the {len(PROMPTS)} prompts for token agreement")
     p.add_argument("--gen-tokens", type=_positive, metavar="N",
                    help="greedy tokens generated per prompt")
+    p.add_argument("--rule", default="seed", choices=sorted(ref.RULES),
+                   help="named precision-alignment rule of the aligned rows (default seed)")
+    p.add_argument("--backend", default="numpy", choices=("numpy", "cuda", "auto"),
+                   help="decode attention of the attention-level part: numpy reference "
+                        "(default) or the CUDA kernels")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -1005,7 +1036,8 @@ def settings_from(args) -> dict:
     return settings
 
 
-def run_e2e(settings: dict, *, progress: bool = True, model=None, tokenizer=None) -> dict:
+def run_e2e(settings: dict, *, progress: bool = True, model=None, tokenizer=None,
+            rule: AlignmentRule = SEED_RULE) -> dict:
     """The end-to-end part (sections 5 and 6); returns its JSON keys."""
     from .model import load_model
     timings = {}
@@ -1015,11 +1047,11 @@ def run_e2e(settings: dict, *, progress: bool = True, model=None, tokenizer=None
         timings["model_load"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     out = perplexity_eval(model, tokenizer, settings["ppl_texts"], settings["ppl_tokens"],
-                          progress=progress)
+                          progress=progress, rule=rule)
     timings["perplexity"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     out.update(agreement_eval(model, tokenizer, PROMPTS[:settings["prompts"]],
-                              settings["gen_tokens"], progress=progress))
+                              settings["gen_tokens"], progress=progress, rule=rule))
     timings["agreement"] = round(time.perf_counter() - t0, 1)
     out["timings_s"] = timings
     return out
@@ -1028,6 +1060,7 @@ def run_e2e(settings: dict, *, progress: bool = True, model=None, tokenizer=None
 def run(args) -> dict:
     started = time.perf_counter()
     settings = settings_from(args)
+    rule = ref.named_rule(getattr(args, "rule", "seed"))
     e2e = not args.no_e2e
     if e2e and getattr(ref, "causal_decode_attention", None) is None:
         causal_aligned(None, None, None)     # fail before any work, with its clear message
@@ -1041,14 +1074,16 @@ def run(args) -> dict:
         if len(keep) > settings["layers"]:
             keep = [keep[j] for j in spread_layers(len(keep), settings["layers"])]
         result = evaluate(trace, decode_steps=min(settings["decode_steps"], trace.decode_steps),
-                          layers=keep, progress=not args.no_progress)
+                          layers=keep, progress=not args.no_progress, rule=rule,
+                          backend=args.backend)
     else:
         print(f"capturing real q/K/V: SmolLM2-135M-Instruct, {settings['layers']} layers, "
               f"{settings['context_tokens']} + {settings['decode_steps']} tokens of "
               f"{args.text} ...", flush=True)
         trace = capture_trace(settings["context_tokens"], settings["decode_steps"],
                               settings["layers"], args.text)
-        result = evaluate(trace, progress=not args.no_progress)
+        result = evaluate(trace, progress=not args.no_progress, rule=rule,
+                          backend=args.backend)
     timings["attention"] = round(time.perf_counter() - t0, 1)
     result["not_measured"] = None
     if not e2e:
@@ -1063,7 +1098,7 @@ def run(args) -> dict:
                   f"{len(settings['ppl_texts'])} texts × {settings['ppl_tokens']} tokens; "
                   f"token agreement on {settings['prompts']} prompts × "
                   f"{settings['gen_tokens']} tokens ...", flush=True)
-            e2e_result = run_e2e(settings, progress=not args.no_progress)
+            e2e_result = run_e2e(settings, progress=not args.no_progress, rule=rule)
         except ModelUnavailableError as exc:
             if not args.trace:
                 raise
