@@ -245,21 +245,18 @@ def main(argv=None) -> int:
                         help="decode kernel versions to time, comma-separated (default all; "
                              "the default version is the untagged 'full'/'aligned')")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--rule", default="seed",
+    from .reference import RULES, named_rule
+    parser.add_argument("--rule", default="seed", choices=sorted(RULES),
                         help="named precision-alignment rule for the aligned mode "
-                             "(reference.RULES; default seed)")
+                             "(default seed)")
     args = parser.parse_args(argv)
+    rule = named_rule(args.rule)
     from .cache import cuda_unavailable_reason
     reason = cuda_unavailable_reason()
     if reason is not None:
         print(f"bench: timings need a CUDA GPU ({reason})", file=sys.stderr)
         return 2
     import torch
-    from .reference import named_rule
-    try:
-        rule = named_rule(args.rule)
-    except KeyError as exc:
-        parser.error(f"--rule: {exc.args[0]}")
     if args.case:
         grid = []
         for spec in args.case:

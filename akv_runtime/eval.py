@@ -1,6 +1,9 @@
-"""Fidelity evaluation (GitHub issue 5): CPU, numpy reference, real SmolLM2-135M-Instruct.
+"""Fidelity evaluation (GitHub issue 5) of the aligned cache on real SmolLM2-135M-Instruct.
 
-``python -m akv_runtime.eval [--json PATH] [--plot PATH] [--quick] [--trace PATH] [--no-e2e]``
+``python -m akv_runtime.eval [--json PATH] [--plot PATH] [--quick] [--trace PATH] [--no-e2e]
+[--rule seed|tuned] [--backend numpy|cuda|auto]`` (numpy reference on the CPU by default; a
+trace written by ``python -m akv_runtime.run --save-trace`` can be replayed through the CUDA
+kernels with ``--backend cuda``).
 
 Two parts. The **attention-level part** (sections 1–4) replays real post-RoPE q/K/V of a few
 layers through the cache and looks at single products and outputs; every layer sees the exact
@@ -136,6 +139,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -979,7 +983,10 @@ def _texts(value: str) -> tuple:
 
 
 def _positive(value: str) -> int:
-    n = int(value)
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return n
@@ -1076,6 +1083,10 @@ def run(args) -> dict:
         result = evaluate(trace, decode_steps=min(settings["decode_steps"], trace.decode_steps),
                           layers=keep, progress=not args.no_progress, rule=rule,
                           backend=args.backend)
+        # the trace fixes the replayed context (not --quick's or the default's)
+        settings["context_tokens"] = result["context_tokens"]
+        settings["decode_steps"] = result["decode_steps"]
+        settings["layers"] = len(result["layers"])
     else:
         print(f"capturing real q/K/V: SmolLM2-135M-Instruct, {settings['layers']} layers, "
               f"{settings['context_tokens']} + {settings['decode_steps']} tokens of "
@@ -1115,18 +1126,50 @@ def run(args) -> dict:
     return result
 
 
+def _check_before_work(parser, args, settings) -> None:
+    """Refuse, before the slow work, what would fail after it: an unusable ``--backend``, a
+    missing perplexity text, an output path that cannot be written."""
+    if args.backend == "cuda":
+        from .cache import cuda_unavailable_reason
+        why = cuda_unavailable_reason()
+        if why is not None:
+            parser.error(f"--backend cuda: no usable CUDA device here ({why}); use --backend "
+                         f"numpy or auto")
+    if not args.no_e2e:
+        from .model import corpus_text
+        for name in settings["ppl_texts"]:
+            try:
+                corpus_text(name)
+            except FileNotFoundError as exc:
+                parser.error(f"--ppl-texts: {exc}")
+    for flag in ("json", "plot"):
+        value = getattr(args, flag)
+        if value:
+            parent = Path(value).expanduser().resolve().parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                parser.error(f"--{flag}: cannot create {parent} ({exc.strerror})")
+            if not os.access(parent, os.W_OK):
+                parser.error(f"--{flag}: {parent} is not writable")
+
+
 def main(argv=None) -> int:
     from .model import ModelUnavailableError, set_offline
     set_offline()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings_from(args)
+        settings = settings_from(args)
     except ValueError as exc:
         parser.error(str(exc))
+    _check_before_work(parser, args, settings)
     try:
         result = run(args)
     except (ModelUnavailableError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:          # e.g. a --trace file that is not a trace
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_report(result))

@@ -436,7 +436,14 @@ def load_trace(path) -> Trace:
         raise FileNotFoundError(f"no trace file at {path} (write one with: python -m "
                                 f"akv_runtime.run --config configs/smollm2-135m.yaml "
                                 f"--save-trace {path})")
-    with np.load(path) as data:
+    try:
+        archive = np.load(path)
+    except (ValueError, OSError, EOFError):
+        raise ValueError(f"{path}: not a trace (an .npz archive written by python -m "
+                         f"akv_runtime.run --save-trace)") from None
+    if not hasattr(archive, "files"):      # a plain .npy array
+        raise ValueError(f"{path}: not a trace (an .npy array, not an .npz archive)")
+    with archive as data:
         if "meta" not in data:
             raise ValueError(f"{path}: not a trace (no 'meta' entry)")
         meta = json.loads(bytes(data["meta"]).decode())

@@ -70,17 +70,37 @@ class AlignmentRule:
     v_skip: int | None = None
 
     def __post_init__(self):
+        # every field is a kernel argument (int32): integers only, so that the reference and
+        # the kernels see the same values; lists become tuples (the rule is hashable)
+        def integer(name, value):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name}: expected an integer, got {value!r}")
+            return int(value)
+
+        if not isinstance(self.name, str):
+            raise TypeError(f"name: expected a string, got {self.name!r}")
         for side in ("k_thresholds", "v_thresholds"):
-            t8, t12 = getattr(self, side)
-            if not (int(t8) >= int(t12) >= 0):
+            pair = getattr(self, side)
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"{side}: expected two integers (tier-8 gap, tier-12 gap), "
+                                f"got {pair!r}")
+            t8, t12 = (integer(side, x) for x in pair)
+            if not (t8 >= t12 >= 0):
                 raise ValueError(f"{side}: expected (tier-8 gap, tier-12 gap) with "
                                  f"tier-8 gap >= tier-12 gap >= 0, got {(t8, t12)}")
-        if not 1 <= int(self.topk) <= 1024:
+            object.__setattr__(self, side, (t8, t12))
+        object.__setattr__(self, "topk", integer("topk", self.topk))
+        if not 1 <= self.topk <= 1024:
             raise ValueError(f"topk: expected 1..1024, got {self.topk}")
-        if self.v_skip is not None and not (int(self.v_thresholds[0]) <= int(self.v_skip)
-                                            < NEVER_SKIP):
-            raise ValueError(f"v_skip: expected None or a gap in {self.v_thresholds[0]}.."
-                             f"{NEVER_SKIP - 1} (at least the tier-8 gap), got {self.v_skip}")
+        object.__setattr__(self, "v_bias", integer("v_bias", self.v_bias))
+        if not -64 <= self.v_bias <= 64:
+            raise ValueError(f"v_bias: expected -64..64 binary orders, got {self.v_bias}")
+        if self.v_skip is not None:
+            object.__setattr__(self, "v_skip", integer("v_skip", self.v_skip))
+            if not self.v_thresholds[0] <= self.v_skip < NEVER_SKIP:
+                raise ValueError(f"v_skip: expected none (null in YAML) or a gap in "
+                                 f"{self.v_thresholds[0]}..{NEVER_SKIP - 1} (at least the "
+                                 f"tier-8 gap), got {self.v_skip}")
 
     @property
     def v_skip_gap(self) -> int:
@@ -97,7 +117,7 @@ SEED_RULE = AlignmentRule()
 TUNED_RULE = AlignmentRule(name="tuned", k_thresholds=(9, 5), v_thresholds=(8, 4), topk=32,
                            v_bias=0, v_skip=14)
 
-#: Named rules (``--rule NAME`` of bench and eval, ``rule: {name: ...}`` of a run config).
+#: Named rules (``--rule NAME`` of bench, eval and run; ``rule: NAME`` in a run config).
 RULES = {r.name: r for r in (SEED_RULE, TUNED_RULE)}
 
 
@@ -609,9 +629,10 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
     Raises
     ------
     TypeError
-        q, K or V not float16.
+        q, K or V not float16, or ``rule`` not an :class:`AlignmentRule`.
     ValueError
-        Shapes that disagree, head counts that do not divide, or an unknown mode.
+        Shapes that disagree, head counts that do not divide, an odd head_dim, no positions,
+        or an unknown mode.
 
     Notes
     -----
@@ -635,6 +656,13 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
                          f"{V.shape}")
     if Hk < 1 or Hq % Hk:
         raise ValueError(f"q: {Hq} query heads is not a multiple of {Hk} KV heads")
+    if D < 2 or D % 2:
+        raise ValueError(f"q: head_dim {D} is not a positive even number (V channel pairs "
+                         f"share a nibble byte)")
+    if N < 1:
+        raise ValueError("q: no positions (N = 0)")
+    if not isinstance(rule, AlignmentRule):
+        raise TypeError(f"rule: expected an AlignmentRule, got {type(rule).__name__}")
     G = Hq // Hk
     T = BLOCK_TOKENS
     scale = np.float32(1.0 / np.sqrt(D) if scale is None else scale)

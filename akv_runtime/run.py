@@ -23,6 +23,7 @@ reduces the workload; the run says so in one line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -33,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, RuleConfig, load_config
 from .layout import BLOCK_TOKENS
 from .model import ModelUnavailableError, set_offline
+from .reference import RULES
 
 #: Layers a saved trace keeps (spread over the model's depth) and its default shape.
 TRACE_LAYERS = 7
@@ -302,7 +304,9 @@ def format_report(result: dict) -> str:
     lines.append(f"{result['model']} · {result['workload']}")
     lines.append(f"backend {result['backend']} · {result['device']} · rule "
                  f"{result['rule']['name']} (K {tuple(result['rule']['k_thresholds'])}, "
-                 f"V {tuple(result['rule']['v_thresholds'])}, top-k {result['rule']['topk']})")
+                 f"V {tuple(result['rule']['v_thresholds'])}, top-k {result['rule']['topk']}"
+                 + (f", V skip at gap {result['rule']['v_skip']}"
+                    if result['rule'].get('v_skip') is not None else "") + ")")
     if result.get("reduced"):
         lines.append("reduced CPU workload: " + ", ".join(result["reduced"]))
     lines.append(rule)
@@ -411,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-trace", dest="save_trace",
                         help="after a real-model run, capture a trace of a few layers here "
                              "(e.g. .trace/smollm2_trace.npz)")
+    parser.add_argument("--rule", choices=sorted(RULES),
+                        help="a named precision-alignment rule instead of the config's rule")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -464,7 +470,7 @@ def run(config: Config, args) -> dict:
             "config": config.source,
             "rule": {"name": rule.name, "k_thresholds": list(rule.k_thresholds),
                      "v_thresholds": list(rule.v_thresholds), "topk": rule.topk,
-                     "v_bias": rule.v_bias},
+                     "v_bias": rule.v_bias, "v_skip": rule.v_skip},
             "shapes": {"num_layers": m.num_layers, "num_query_heads": m.num_query_heads,
                        "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim},
             "reduced": reduced}
@@ -480,6 +486,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.rule:
+        named = RULES[args.rule]
+        config = dataclasses.replace(config, rule=RuleConfig(
+            name=named.name, k_thresholds=named.k_thresholds, v_thresholds=named.v_thresholds,
+            topk=named.topk, v_bias=named.v_bias, v_skip=named.v_skip))
     try:
         result = run(config, args)
     except ConfigError as exc:

@@ -202,3 +202,24 @@ def test_run_command_reports_config_errors(tmp_path, capsys):
     assert run.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "model.num_kv_heads" in err
+
+
+def test_rule_by_name_and_named_defaults():
+    """``rule: tuned`` picks the named rule; a mapping named after one takes its values for
+    the keys it does not give; an unknown name is an error naming the key."""
+    from akv_runtime.reference import TUNED_RULE
+    base = yaml.safe_load(open(CONFIGS / "llama7b.yaml"))
+    for rule in ("tuned", {"name": "tuned"}):
+        data = copy.deepcopy(base)
+        data["rule"] = rule
+        assert config_from_dict(data).rule.to_rule() == TUNED_RULE
+    data = copy.deepcopy(base)
+    data["rule"] = {"name": "tuned", "v_skip": None, "k_thresholds": [10, 6]}
+    got = config_from_dict(data).rule.to_rule()
+    assert (got.v_skip, got.k_thresholds, got.v_thresholds) == (None, (10, 6), (8, 4))
+    data["rule"] = "nope"
+    with pytest.raises(ConfigError, match="rule: unknown named rule 'nope'"):
+        config_from_dict(data)
+    data["rule"] = {"name": "seed", "v_skip": 3}
+    with pytest.raises(ConfigError, match="rule.v_skip"):
+        config_from_dict(data)

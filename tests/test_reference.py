@@ -169,6 +169,20 @@ def test_rule_validation():
         R.AlignmentRule(topk=0)
     with pytest.raises(ValueError, match="mode"):
         R.decode_attention({}, np.zeros((1, 1, 64), np.float16), [[0]], [1], mode="fast")
+    # every field is an int32 kernel argument: no floats or strings that the reference and
+    # the kernels would read differently; lists become tuples (rules are hashable)
+    for bad in (dict(k_thresholds=(8.9, 4)), dict(topk="32"), dict(v_skip=9.7),
+                dict(v_bias="x"), dict(k_thresholds=(9,)), dict(v_thresholds=None),
+                dict(name=3), dict(topk=True)):
+        with pytest.raises(TypeError, match=next(iter(bad))):
+            R.AlignmentRule(**bad)
+    with pytest.raises(ValueError, match="v_skip"):
+        R.AlignmentRule(v_skip=3)
+    rule = R.AlignmentRule(k_thresholds=[9, 5], v_skip=np.int64(14))
+    assert rule.k_thresholds == (9, 5) and type(rule.v_skip) is int and hash(rule)
+    assert R.named_rule("tuned") is R.TUNED_RULE and R.RULES["seed"] is R.SEED_RULE
+    with pytest.raises(KeyError, match="named rules: seed, tuned"):
+        R.named_rule("nope")
 
 
 @pytest.mark.parametrize("Hq,Hk,D,n,mode", [(9, 3, 64, 150, "aligned"), (4, 4, 128, 70, "aligned"),
@@ -211,3 +225,9 @@ def test_causal_decode_attention_rejects_bad_input():
         R.causal_decode_attention(q[:3], K, K)
     with pytest.raises(ValueError, match="mode"):
         R.causal_decode_attention(q, K, K, mode="fast")
+    with pytest.raises(TypeError, match="rule"):
+        R.causal_decode_attention(q, K, K, rule="tuned")
+    with pytest.raises(ValueError, match="head_dim"):
+        R.causal_decode_attention(q[..., :7], K[..., :7], K[..., :7])
+    with pytest.raises(ValueError, match="no positions"):
+        R.causal_decode_attention(q[:, :0], K[:, :0], K[:, :0])
