@@ -207,12 +207,14 @@ def aligned_kv(K, V, k_tiers, v_tiers) -> tuple:
     K, V : float16 [kv_heads, n, D] — the exact values
     k_tiers : uint8 [kv_heads, blocks, D] — from ``decode_attention`` (debug)
     v_tiers : uint8 [kv_heads, n]
+        Tier 0 (a rule's skip tier): the row is not read and contributes 0.
     """
     n = K.shape[1]
     kt = np.repeat(np.asarray(k_tiers), BLOCK_TOKENS, axis=1)[:, :n]        # [Hk, n, D]
     K_al = ref.join_planes(*ref.split_planes(np.asarray(K, np.float16)), kt)
     vt = np.asarray(v_tiers)[:, :n, None]                                   # [Hk, n, 1]
     V_al = ref.join_planes(*ref.split_planes(np.asarray(V, np.float16)), vt)
+    V_al = np.where(vt == 0, np.float16(0), V_al)
     return K_al, V_al
 
 

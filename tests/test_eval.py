@@ -82,8 +82,11 @@ def test_trunc13_scores_of_one_hot_queries_are_exact_only_at_midpoint_values(rng
     assert counts[5] <= int((np.abs(K[0, :, 5]) < 2**-14).sum())
 
 
-def test_aligned_kv_is_what_decode_attention_read(rng):
-    """The aligned row's K/V reproduce decode_attention's own scores and output bit for bit."""
+@pytest.mark.parametrize("rule", [ref.SEED_RULE, ref.AlignmentRule(name="skipping", v_skip=8)],
+                         ids=["seed", "skip-tier"])
+def test_aligned_kv_is_what_decode_attention_read(rng, rule):
+    """The aligned row's K/V reproduce decode_attention's own scores and output bit for bit
+    (skipped V rows, tier 0, contribute nothing)."""
     Hq, Hk, D, n = 6, 2, 64, 300
     K = random_fp16(rng, (Hk, n, D), 2.0)
     V = random_fp16(rng, (Hk, n, D))
@@ -91,9 +94,10 @@ def test_aligned_kv_is_what_decode_attention_read(rng):
     q = random_fp16(rng, (Hq, D), 2.0)
     cache = AlignedKVCache(1, Hk, D, n, num_query_heads=Hq, backend="numpy")
     cache.append(0, K[None], V[None])
-    out, dbg = cache.attend(0, q[None], debug=True)
+    out, dbg = cache.attend(0, q[None], debug=True, rule=rule)
     kt, vt = dbg["k_tiers"][0], dbg["v_tiers"][0]
     assert (kt < 16).any() and (vt < 16).any()       # the test exercises reduced tiers
+    assert rule.v_skip is None or (vt == 0).any()   # ... and the skip tier
     K_al, V_al = ev.aligned_kv(K, V, kt, vt)
     s = np.einsum("hgd,hjd->hgj", q.astype(np.float64).reshape(Hk, Hq // Hk, D),
                   K_al.astype(np.float64)).astype(np.float32)
