@@ -117,8 +117,14 @@ SEED_RULE = AlignmentRule()
 TUNED_RULE = AlignmentRule(name="tuned", k_thresholds=(9, 5), v_thresholds=(8, 4), topk=32,
                            v_bias=0, v_skip=14)
 
+#: K and V thresholds two binary orders above the seed's, V rows 16 orders below the output
+#: skipped: plain fp16's attention error or less and the AlignedKV paper's Table-1 rows on
+#: real SmolLM2 K/V, at about 1.2 more bits per value than ``tuned`` (docs/fidelity.md).
+PRECISE_RULE = AlignmentRule(name="precise", k_thresholds=(10, 6), v_thresholds=(10, 6),
+                             topk=32, v_bias=0, v_skip=16)
+
 #: Named rules (``--rule NAME`` of bench, eval and run; ``rule: NAME`` in a run config).
-RULES = {r.name: r for r in (SEED_RULE, TUNED_RULE)}
+RULES = {r.name: r for r in (SEED_RULE, TUNED_RULE, PRECISE_RULE)}
 
 
 def named_rule(name: str) -> AlignmentRule:

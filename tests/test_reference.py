@@ -181,7 +181,7 @@ def test_rule_validation():
     rule = R.AlignmentRule(k_thresholds=[9, 5], v_skip=np.int64(14))
     assert rule.k_thresholds == (9, 5) and type(rule.v_skip) is int and hash(rule)
     assert R.named_rule("tuned") is R.TUNED_RULE and R.RULES["seed"] is R.SEED_RULE
-    with pytest.raises(KeyError, match="named rules: seed, tuned"):
+    with pytest.raises(KeyError, match="named rules: seed, tuned, precise"):
         R.named_rule("nope")
 
 
