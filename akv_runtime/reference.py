@@ -58,8 +58,10 @@ class AlignmentRule:
     v_bias : int
         Added to the V-side reference exponent ``r`` (binary orders).
     v_skip : int or None
-        V-side gap at which a token is not read at all (tier 0: its bound ``p·|v|`` lies
-        ``v_skip`` binary orders below the output estimate); ``None`` never skips (the seed).
+        V-side gap at which a token is not read at all (tier 0): its bound ``p·|v|`` lies
+        ``v_skip + skip_budget(n)`` binary orders below the output estimate, so that up to
+        ``n`` skipped terms of random sign stay ``v_skip`` orders below it (:func:`skip_budget`,
+        docs/design.md); ``None`` never skips (the seed).
     """
 
     name: str = "seed"
@@ -393,8 +395,8 @@ def v_tiers(p, o_est, v_exp_max, length: int, rule: AlignmentRule = SEED_RULE) -
     """V-side tiers per (KV head, token) for one sequence (DESIGN.md section 4).
 
     ``gap_j = r[h, block(j)] - e(p_j)`` with ``r`` from :func:`v_reference_exponent`; tier by
-    ``rule.v_thresholds``, tier 0 (the token is not read) where ``gap_j >= rule.v_skip``; the
-    highest tier over the GQA group; every token of a block whose V holds Inf/NaN
+    ``rule.v_thresholds``, tier 0 (the token is not read) where
+    ``gap_j >= rule.v_skip + skip_budget(length)``; the highest tier over the GQA group; every token of a block whose V holds Inf/NaN
     (exponent 31) is read at 16 bits.
 
     Parameters
@@ -408,12 +410,25 @@ def v_tiers(p, o_est, v_exp_max, length: int, rule: AlignmentRule = SEED_RULE) -
     -------
     uint8 [kv_heads, length]
     """
-    return _v_tiers_from(np.asarray(p)[:, :length], o_est, np.asarray(v_exp_max), rule)
+    return _v_tiers_from(np.asarray(p)[:, :length], o_est, np.asarray(v_exp_max), rule,
+                         np.asarray(length))
 
 
-def _v_tiers_from(p, o_est, v_exp_max, rule: AlignmentRule) -> np.ndarray:
+def skip_budget(length) -> np.ndarray:
+    """Binary orders added to ``rule.v_skip`` for a sequence of ``length`` tokens:
+    ``ceil(ceil(log2 length) / 2)``, i.e. the skipped terms may add up like ``sqrt(length)``
+    random-sign terms and stay ``v_skip`` orders below the output (int, elementwise; the
+    kernels compute the same from ``__clz``). 1 token: 0; 4096: 6; 32768: 8."""
+    n = np.maximum(np.asarray(length, np.int64), 1)
+    ceil_log2 = np.ceil(np.log2(n)).astype(np.int64)
+    ceil_log2 = np.where(np.left_shift(1, ceil_log2) < n, ceil_log2 + 1, ceil_log2)  # exact
+    return (ceil_log2 + 1) // 2
+
+
+def _v_tiers_from(p, o_est, v_exp_max, rule: AlignmentRule, lengths) -> np.ndarray:
     """The V rule batched over leading axes: ``p`` float32 [..., query_heads, n], ``o_est``
-    float32 [..., query_heads, D], ``v_exp_max`` uint8 [..., blocks, kv_heads, D] → uint8
+    float32 [..., query_heads, D], ``v_exp_max`` uint8 [..., blocks, kv_heads, D],
+    ``lengths`` int [...] (tokens in each sequence, for the skip budget) → uint8
     [..., kv_heads, n]. Shared by :func:`v_tiers` and :func:`causal_decode_attention`."""
     Hq, n = p.shape[-2:]
     Hk = v_exp_max.shape[-2]
@@ -421,7 +436,10 @@ def _v_tiers_from(p, o_est, v_exp_max, rule: AlignmentRule) -> np.ndarray:
                                     v_exp_max.astype(np.int32), rule)       # [...,Hq,nblk]
     token_block = np.arange(n) // BLOCK_TOKENS
     gap = r[..., token_block] - unbiased_exponent32(p)
-    tiers = tier_from_gap(gap, rule.v_thresholds, rule.v_skip)
+    skip = None
+    if rule.v_skip is not None:   # per sequence: v_skip + skip_budget(length)
+        skip = (rule.v_skip + skip_budget(lengths))[..., None, None]
+    tiers = tier_from_gap(gap, rule.v_thresholds, skip)
     tiers = tiers.reshape(tiers.shape[:-2] + (Hk, Hq // Hk, n)).max(axis=-2)  # [...,Hk,n]
     special = np.swapaxes((v_exp_max == FP16_SPECIAL_EXPONENT).any(axis=-1), -1, -2)
     tiers[special[..., token_block]] = 16                                     # [...,Hk,n]
@@ -741,7 +759,8 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
         if mode == "full":
             vt = np.full((P, Hk, width), 16, np.uint8)
         else:
-            vt = _v_tiers_from(p.transpose(1, 0, 2), o_est.transpose(1, 0, 2), ev, rule)
+            vt = _v_tiers_from(p.transpose(1, 0, 2), o_est.transpose(1, 0, 2), ev, rule,
+                               pos + 1)
         o = np.zeros((Hk, G, P, D))
         pg = p.reshape(Hk, G, P, width).astype(np.float64)
         vt_h = vt.transpose(1, 0, 2)[:, None]                 # [Hk, 1, P, width]

@@ -269,7 +269,8 @@ __device__ __forceinline__ void values(
         p = expf(s - stats[qrow * 2]) / stats[qrow * 2 + 1];
       }
       s_p[g][tid] = p;
-      tier = max(tier, akv_v_tier_from_gap(s_r[g] - akv_unbiased_exp32(p), skip, t8, t12));
+      tier = max(tier, akv_v_tier_from_gap(s_r[g] - akv_unbiased_exp32(p),
+                                           skip + akv_skip_budget(n), t8, t12));
     }
     if (full_mode || s_special) tier = 16;
     s_tier[tid] = valid ? tier : 0;

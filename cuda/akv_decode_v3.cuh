@@ -350,7 +350,8 @@ __device__ __forceinline__ void values(
         p = expf(s - stats[(qhead + g) * 2]) / stats[(qhead + g) * 2 + 1];
       }
       s_p[g][t] = p;
-      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p), skip, t8, t12));
+      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p),
+                                           skip + akv_skip_budget(n), t8, t12));
     }
     if (full_mode || s_special[j]) tier = 16;
     s_tier[t] = valid ? tier : 0;

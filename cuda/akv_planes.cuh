@@ -37,9 +37,16 @@ __device__ __forceinline__ int akv_tier_from_gap(int gap, int t8, int t12) {
   return gap >= t8 ? 8 : (gap >= t12 ? 12 : 16);
 }
 
-// V side: tier 0 (the token is not read) at gap >= skip (reference.tier_from_gap).
+// V side: tier 0 (the token is not read) at gap >= skip (reference.tier_from_gap); the
+// caller passes rule.v_skip + akv_skip_budget(length).
 __device__ __forceinline__ int akv_v_tier_from_gap(int gap, int skip, int t8, int t12) {
   return gap >= skip ? 0 : akv_tier_from_gap(gap, t8, t12);
+}
+
+// reference.skip_budget: ceil(ceil(log2 n) / 2) for a sequence of n >= 1 tokens.
+__device__ __forceinline__ int akv_skip_budget(int n) {
+  const int ceil_log2 = n > 1 ? 32 - __clz(n - 1) : 0;
+  return (ceil_log2 + 1) >> 1;
 }
 
 // fp16 bit pattern from planes read at `tier` (one value).

@@ -118,7 +118,8 @@ def test_decode_full_matches_fp16_attention(rng, D, Hk, Hq, B, n, paged):
         assert R.relative_error(o[b], sdpa.float().cpu().numpy()) < 2e-3
 
 
-SKIPPING = R.AlignmentRule(name="skip-test", v_skip=10)   # aggressive: some tokens skip
+SKIPPING = R.AlignmentRule(name="skip-test", v_skip=8)    # aggressive: with the sharper
+                                                           # queries below, many tokens skip
 
 
 @pytest.mark.parametrize("rule", [R.SEED_RULE, SKIPPING], ids=["seed", "v_skip"])
@@ -128,7 +129,9 @@ SKIPPING = R.AlignmentRule(name="skip-test", v_skip=10)   # aggressive: some tok
 def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule):
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
-    q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D)))).astype(np.float16)
+    sharp = 4 if rule.v_skip is not None else 1          # peaked weights: the skip tier occurs
+    q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D))) * sharp
+         ).astype(np.float16)
     gpu.reset_counters()
     o, info = gpu.attend(0, torch.from_numpy(q).cuda(), mode="aligned", count=True, debug=True,
                          rule=rule)

@@ -185,9 +185,14 @@ def test_rule_validation():
         R.named_rule("nope")
 
 
-@pytest.mark.parametrize("Hq,Hk,D,n,mode", [(9, 3, 64, 150, "aligned"), (4, 4, 128, 70, "aligned"),
-                                           (6, 2, 64, 130, "full")])
-def test_causal_decode_attention_equals_decode_steps(rng, Hq, Hk, D, n, mode):
+SKIP_RULE = R.AlignmentRule(name="skipping", v_skip=8)   # aggressive: the skip tier is used
+
+
+@pytest.mark.parametrize("Hq,Hk,D,n,mode,rule", [(9, 3, 64, 150, "aligned", R.SEED_RULE),
+                                                (4, 4, 128, 70, "aligned", R.SEED_RULE),
+                                                (6, 2, 64, 130, "full", R.SEED_RULE),
+                                                (9, 3, 64, 200, "aligned", SKIP_RULE)])
+def test_causal_decode_attention_equals_decode_steps(rng, Hq, Hk, D, n, mode, rule):
     """Teacher forcing in one call equals N decode steps through the cache, position by
     position: same tiers, same fp16 outputs, same byte counters (tokens appended one by one,
     so the block being filled has running exponent maxima). One Inf in K and V."""
@@ -198,13 +203,13 @@ def test_causal_decode_attention_equals_decode_steps(rng, Hq, Hk, D, n, mode):
     V[-1, n // 2, 5] = -np.inf
     q = np.concatenate([synthetic_q(rng, 1, Hq, D, 0.5, num_kv_heads=Hk)[0][:, None]
                         for _ in range(n)], axis=1)                      # [Hq, n, D]
-    res = R.causal_decode_attention(q, K, V, mode=mode, keep_debug=True)
+    res = R.causal_decode_attention(q, K, V, mode=mode, keep_debug=True, rule=rule)
     planes, table = _fresh_planes(1, 1, Hk, D, n)
     counters = np.zeros_like(res.counters)
     for t in range(n):
         R.append_tokens(planes, table, [t], K[None, :, t:t + 1], V[None, :, t:t + 1])
         step = R.decode_attention(planes, q[None, :, t], table, [t + 1], mode=mode,
-                                  keep_debug=True)
+                                  keep_debug=True, rule=rule)
         assert np.array_equal(step.k_tiers[0], res.k_tiers[t]), t
         assert np.array_equal(step.v_tiers[0], res.v_tiers[t]), t
         np.testing.assert_array_equal(step.output[0].view(np.uint16),
@@ -212,6 +217,14 @@ def test_causal_decode_attention_equals_decode_steps(rng, Hq, Hk, D, n, mode):
         counters += step.counters
     np.testing.assert_array_equal(counters, res.counters)
     assert mode == "full" or (res.counters[2] < res.counters[0] // 2)   # the rule truncated
+    if rule.v_skip is not None:                   # the skip tier occurred, budget included
+        assert any((vt == 0).any() for vt in res.v_tiers)
+
+
+def test_skip_budget_matches_the_kernels_formula():
+    """reference.skip_budget == ((ceil(log2 n)) + 1) // 2 as the kernels compute it."""
+    for n in list(range(1, 300)) + [4095, 4096, 4097, 32768, 131072, 1 << 20]:
+        assert int(R.skip_budget(n)) == ((n - 1).bit_length() + 1) // 2, n
 
 
 def test_causal_decode_attention_rejects_bad_input():
