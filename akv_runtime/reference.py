@@ -2,18 +2,18 @@
 
 Each function here states, in array code, what one CUDA kernel in ``cuda/akv.cu`` computes:
 
-=============================  =========================================
-numpy                          CUDA entry point
-=============================  =========================================
-:func:`append_tokens`          ``akv_append``
-:func:`read_sequence`          (a plane read at a tier; used by tests)
-:func:`k_tiers`                phase 1 of ``akv_decode_scores``
-:func:`v_tiers`                ``akv_decode_values`` tier decision
-:func:`decode_attention`       ``akv_decode_scores`` → ``akv_decode_estimate``
-                               → ``akv_decode_values`` → ``akv_decode_combine``
-:func:`causal_decode_attention`  the same four kernels at every position of a
-                               sequence (teacher forcing, for perplexity)
-=============================  =========================================
+=================================  ================================================
+numpy                              CUDA entry point
+=================================  ================================================
+:func:`append_tokens`              ``akv_append``
+:func:`read_sequence`              (a plane read at a tier; used by tests)
+:func:`k_tiers`                    phase 1 of ``akv_decode_scores``
+:func:`v_tiers`                    ``akv_decode_values`` tier decision
+:func:`decode_attention`           ``akv_decode_scores`` → ``akv_decode_estimate``
+                                   → ``akv_decode_values`` → ``akv_decode_combine``
+:func:`causal_decode_attention`    the same four kernels at every position of a
+                                   sequence (teacher forcing, for perplexity)
+=================================  ================================================
 
 Tier decisions are integer functions of exactly representable inputs, so the reference's
 tiers equal the kernel's. The reference forms dot products and the output sum in float64
