@@ -92,3 +92,15 @@ def to_numpy(x) -> np.ndarray:
     if is_torch_tensor(x):
         return x.detach().numpy()
     return np.asarray(x)
+
+
+def json_default(x):
+    """``json.dumps(..., default=json_default)``: numpy scalars and arrays as plain JSON
+    values (the result files of run and eval); anything else raises ``TypeError``."""
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -35,7 +35,8 @@ def _positive_int(name, value):
     return int(value)
 
 
-def _check_bool(name, value) -> bool:
+def check_bool(name, value) -> bool:
+    """``value`` as a bool; ``TypeError`` naming ``name`` for anything but bool/numpy bool."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return bool(value)
@@ -278,7 +279,7 @@ class AlignedKVCache:
         layer = self._check_layer(layer)
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        strict = _check_bool("strict", strict)
+        strict = check_bool("strict", strict)
         if strict:
             mode = "full"
         rule = self.rule if rule is None else rule

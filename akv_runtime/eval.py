@@ -146,6 +146,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import json_default
 from . import reference as ref
 from .reference import fp16_scores, fp16_weighted_sum, fp16_weights  # plain fp16 arithmetic
 from .reference import SEED_RULE, AlignmentRule
@@ -1178,21 +1179,12 @@ def main(argv=None) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+        path.write_text(json.dumps(result, indent=2, default=json_default) + "\n")
         print(f"wrote {path}")
     if args.plot:
         print(f"wrote {write_plot(result, args.plot)}")
     return 0
 
-
-def _json_default(x):
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 if __name__ == "__main__":

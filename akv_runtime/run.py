@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import json_default
 from .config import Config, ConfigError, RuleConfig, load_config
 from .layout import BLOCK_TOKENS
 from .model import ModelUnavailableError, set_offline
@@ -504,22 +505,13 @@ def main(argv=None) -> int:
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+        path.write_text(json.dumps(result, indent=2, default=json_default) + "\n")
         print(f"wrote {path}")
     plot_path = args.plot or config.output.plot
     if plot_path:
         print(f"wrote {write_plot(result, plot_path)}")
     return 0
 
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 if __name__ == "__main__":

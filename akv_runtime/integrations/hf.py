@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..cache import AlignedKVCache
+from ..cache import AlignedKVCache, check_bool
 from ..reference import SEED_RULE
 
 #: The attention implementation name registered with transformers.
@@ -153,9 +153,7 @@ class AlignedCache(Cache):
 
     @strict.setter
     def strict(self, value) -> None:
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"strict: expected a bool, got {type(value).__name__}")
-        self._strict = bool(value)
+        self._strict = check_bool("strict", value)
 
     @classmethod
     def for_model(cls, model, max_seq_len: int, *, batch_size: int = 1, rule=SEED_RULE,
