@@ -90,7 +90,7 @@ def copy_bandwidth(torch, nbytes: int = 2 << 30) -> float:
 
 
 def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng,
-               versions=(1, 2, 3, 4)):
+               versions=(3,)):
     from .cache import AlignedKVCache
     from .reference import bits_per_value
     Hq, Hk, D = SHAPES[shape_name]
@@ -133,9 +133,11 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     candidates = [("sdpa_cudnn", None, lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
                   ("sdpa_flash", None, lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
                   ("eager", None, eager)]
-    from .kernels import DEFAULT_DECODE_VERSION
-    for version in versions:
-        tag = "" if version == DEFAULT_DECODE_VERSION else f"_v{version}"
+    from .kernels import default_decode_version
+    default = default_decode_version(G)
+    result["default_version"] = default
+    for version in sorted(set(versions) | {default}):
+        tag = "" if version == default else f"_v{version}"
         candidates += [(f"akv_full{tag}", version, ours("full")),
                        (f"akv_aligned{tag}", version, ours("aligned"))]
     times = {}
@@ -148,7 +150,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
             times[name] = None
             result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
     result["ms"] = times
-    cache._backend.set_decode_version(DEFAULT_DECODE_VERSION)
+    cache._backend.set_decode_version(default)
     # each decode phase alone (aligned mode, default kernels), to place the time
     from .arrays import describe
     q_infos = [describe(q, "q") for q in qs]
@@ -214,18 +216,28 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
 
 
 def format_table(rows, copy_bw) -> str:
-    head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7} "
-            f"{'algn v1':>7} {'algn v2':>7} {'algn v4':>7} {'full':>7} {'aligned':>8} "
+    """The short table: one row per case; ``algn vN`` columns for every kernel version timed
+    (the default version of a row, column ``v``, is its untagged full/aligned time)."""
+    versions = sorted({int(k.rsplit("_v", 1)[1]) for r in rows for k in r["ms"]
+                       if k.startswith("akv_aligned_v")} |
+                      {r["default_version"] for r in rows if "default_version" in r})
+    vcols = "".join(f" {'algn v' + str(v):>7}" for v in versions)
+    head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7}{vcols} "
+            f"{'v':>2} {'full':>7} {'aligned':>8} "
             f"{'x cudnn':>8} {'x eager':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6}")
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
              "-" * len(head)]
     fmt = lambda v: f"{v:7.3f}" if v else "    n/a"  # noqa: E731
     for r in rows:
         t = r["ms"]
+        default = r.get("default_version")
+        per_version = "".join(
+            " " + fmt(t.get("akv_aligned" if v == default else f"akv_aligned_v{v}"))
+            for v in versions)
         lines.append(
             f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
-            f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))} {fmt(t.get('akv_aligned_v1'))} "
-            f"{fmt(t.get('akv_aligned_v2'))} {fmt(t.get('akv_aligned_v4'))} {fmt(t.get('akv_full'))} "
+            f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))}{per_version} "
+            f"{default if default is not None else '?':>2} {fmt(t.get('akv_full'))} "
             f"{fmt(t.get('akv_aligned')):>8} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
             f"{(t['eager'] / t['akv_aligned']) if t.get('eager') and t.get('akv_aligned') else 0:8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "
@@ -241,9 +253,10 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", default=[],
                         help="shape:batch:context, e.g. llama2-7b:8:16384 (repeatable)")
     parser.add_argument("--reps", type=int, default=20, help="calls per graph replay")
-    parser.add_argument("--versions", default="1,2,3,4",
+    parser.add_argument("--versions", default=None,
                         help="decode kernel versions to time, comma-separated (default all; "
-                             "the default version is the untagged 'full'/'aligned')")
+                             "each shape's default version, kernels.default_decode_version, "
+                             "is always timed and is the untagged 'full'/'aligned')")
     parser.add_argument("--json", help="write the results here")
     from .reference import RULES, named_rule
     parser.add_argument("--rule", default="seed", choices=sorted(RULES),
@@ -266,10 +279,10 @@ def main(argv=None) -> int:
             grid.append((shape, int(b), int(c)))
     else:
         grid = QUICK_GRID if args.quick else full_grid()
-    from .kernels import DECODE_VERSIONS, DEFAULT_DECODE_VERSION
+    from .kernels import DECODE_VERSIONS
     try:
-        versions = tuple(sorted({int(v) for v in args.versions.split(",")}
-                                | {DEFAULT_DECODE_VERSION}))
+        versions = (DECODE_VERSIONS if args.versions is None else
+                    tuple(sorted({int(v) for v in args.versions.split(",")})))
     except ValueError:
         parser.error(f"--versions: expected numbers like 2,3, got {args.versions!r}")
     if not set(versions) <= set(DECODE_VERSIONS):

@@ -24,10 +24,27 @@ ESTIMATE_THREADS = 256
 VALUE_THREADS = 128
 ADVANCE_THREADS = 128
 #: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
-#: 3 and 4); $AKV_DECODE_VERSION picks one for benchmarks and tests. docs/perf-notes.md
-#: compares them. Version 4 exists for GQA groups up to 4; larger groups run version 3.
-DECODE_VERSIONS = (1, 2, 3, 4)
-DEFAULT_DECODE_VERSION = 3
+#: 3 and 4, cuda/akv_decode_v5.cuh: 5 and 6); $AKV_DECODE_VERSION picks one for benchmarks and
+#: tests. docs/perf-notes.md compares them. Version 4 exists for GQA groups up to 4; larger
+#: groups run version 3. Versions 5 and 6 run the values phase on tensor cores (6: at
+#: head_dim 128 two warps share a block's channels, 8 CTAs per SM).
+DECODE_VERSIONS = (1, 2, 3, 4, 5, 6)
+
+
+def default_decode_version(group: int) -> int:
+    """The decode kernel version a cache of GQA group size ``group`` (query heads per KV
+    head) runs unless $AKV_DECODE_VERSION says otherwise.
+
+    Measured on the H200 (docs/perf-notes.md, 2026-11-29, `python -m akv_runtime.bench
+    --quick`): MHA (group 1) is fastest on version 3 (version 6 is 2-7 % slower at 4k-16k
+    tokens); GQA groups of 3 and 4 are 10-24 % faster on version 6, whose tensor-core values
+    kernel does the p·V products of all the group's heads at once.
+    """
+    if group < 1:
+        raise ValueError(f"group: expected a positive GQA group size, got {group}")
+    return 3 if group == 1 else 6
+
+
 MAX_GROUP_V4 = 4
 #: Version 4's pipeline stages (scores, values) per head_dim; cuda/akv.cu instantiates the
 #: same numbers. A stage holds one block's three planes: 2 * 64 * head_dim bytes.
@@ -67,8 +84,10 @@ class CudaBackend:
         self.k_advance = fn("akv_advance")
         self.k_estimate = fn("akv_decode_estimate")
         self.k_combine = fn("akv_decode_combine")
+        group = cache.num_query_heads // cache.num_kv_heads
+        self.default_decode_version = default_decode_version(group)
         self.set_decode_version(int(os.environ.get("AKV_DECODE_VERSION",
-                                                   DEFAULT_DECODE_VERSION)))
+                                                   self.default_decode_version)))
 
         layout = cache.layout
         self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}
@@ -87,7 +106,10 @@ class CudaBackend:
         self._append_plans: dict = {}
 
     def set_decode_version(self, version: int) -> None:
-        """Use decode kernels of ``version`` (1 or 2; same numerics, different speed)."""
+        """Use decode kernels of ``version`` (one of DECODE_VERSIONS; the same tiers and bytes
+        read, outputs equal up to fp32 summation order; different speed).
+
+        Raises ValueError for an unknown version."""
         if version not in DECODE_VERSIONS:
             raise ValueError(f"decode version: expected one of {DECODE_VERSIONS}, got {version}")
         D, G = self.cache.head_dim, self.cache.num_query_heads // self.cache.num_kv_heads

@@ -30,7 +30,7 @@ def parse_kernel_signatures(source: str) -> dict:
             for p, v in zip(params, values):
                 out = re.sub(rf"##{p}\b|\b{p}\b", v, out)
             expanded += "\n" + out.replace("##", "")
-    for m in re.finditer(r'extern "C" __global__ void(?:\s+__launch_bounds__\(\w+\))?\s+'
+    for m in re.finditer(r'extern "C" __global__ void(?:\s+__launch_bounds__\([\w\s,]+\))?\s+'
                          r"(akv_\w+)\((.*?)\)\s*\{", expanded, re.S):
         kinds = []
         for p in m.group(2).split(","):

@@ -9,6 +9,7 @@ import pytest
 from akv_runtime import driver
 from akv_runtime.arrays import ArrayInfo
 from akv_runtime.cache import AlignedKVCache
+from akv_runtime.kernels import default_decode_version
 from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES, PlaneLayout
 from akv_runtime.reference import NEVER_SKIP
 
@@ -130,6 +131,9 @@ def test_signatures_parse_every_entry_point():
                 assert sigs[f"akv_decode_values_v4_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
             else:
                 assert f"akv_decode_scores_v4_d{D}_g{G}" not in sigs
+            for v in (5, 6):      # versions 5, 6 (tensor-core values): version 3's parameters
+                assert sigs[f"akv_decode_scores_v{v}_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
+                assert sigs[f"akv_decode_values_v{v}_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
 
 
 def _info(shape, strides, ptr, dtype=np.float16):
@@ -142,6 +146,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     cache = AlignedKVCache(L, Hk, D, 300, num_query_heads=Hq, batch_size=B, backend="cuda")
     backend = cache._backend
     assert cache.device.startswith("Fake GPU (compute capability 9.0, cubin sm_90)")
+    # a GQA cache (group 3) starts on the tensor-core values kernels of version 6
+    assert backend.decode_version == 6 == default_decode_version(3)
     # buffers: one per plane set, zero-filled, the block table uploaded
     table = backend.ws["block_table"].to_numpy()
     assert np.array_equal(table, cache.block_table)
@@ -216,10 +222,25 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
         "akv_decode_scores_d64", "akv_decode_estimate", "akv_decode_values_d64",
         "akv_decode_combine"]
     assert fake.launches[-1]["args"][4] == 1   # one block per split before version 3
+    backend.set_decode_version(6)
+    backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
+    assert [x["name"] for x in fake.launches[-4:]] == [
+        "akv_decode_scores_v6_d64_g3", "akv_decode_estimate", "akv_decode_values_v6_d64_g3",
+        "akv_decode_combine"]
+    assert fake.launches[-2]["args"][14] == split and fake.launches[-2]["smem"] == 0
     with pytest.raises(ValueError, match="decode version"):
-        backend.set_decode_version(5)
+        backend.set_decode_version(7)
     cache.close()
     # version 4 has no kernels for GQA groups above 4: such caches run version 3
     big_group = AlignedKVCache(1, 1, 128, 64, num_query_heads=8, backend="cuda")
     big_group._backend.set_decode_version(4)
     assert big_group._backend.decode_version == 3
+    # MHA caches start on version 3 (measured fastest there, docs/perf-notes.md)
+    mha = AlignedKVCache(1, 2, 128, 64, backend="cuda")
+    assert mha._backend.decode_version == 3 == default_decode_version(1)
+
+
+def test_default_decode_version_by_group():
+    assert [default_decode_version(g) for g in range(1, 9)] == [3] + [6] * 7
+    with pytest.raises(ValueError, match="group"):
+        default_decode_version(0)

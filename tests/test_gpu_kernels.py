@@ -12,9 +12,9 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True, params=[1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
+@pytest.fixture(autouse=True, params=[1, 2, 3, 4, 5, 6], ids=["v1", "v2", "v3", "v4", "v5", "v6"])
 def decode_version(request, monkeypatch):
-    """Every GPU test runs against both decode kernel versions."""
+    """Every GPU test runs against every decode kernel version."""
     monkeypatch.setenv("AKV_DECODE_VERSION", str(request.param))
     return request.param
 

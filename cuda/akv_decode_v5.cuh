@@ -1,0 +1,335 @@
+// Decode kernels, version 5: the values phase (p·V) on tensor cores.
+//
+// Version 3's values kernel spent ~9 instructions per value read (docs/perf-notes.md: fp16
+// assembly, fp16 -> fp32 conversion, one FMA per query head of the GQA group, reductions):
+// it was bound by instructions, not bytes. Here each warp assembles fp16 operands straight
+// from the planes into mma fragments (~2 instructions per value) and lets
+// `mma.sync.m16n8k16` (fp16 in, fp32 accumulate) do the products and sums, for every head
+// of the group at once.
+//
+// The product is out^T[D, cols] = V^T[D, 16 tokens] · P^T[16 tokens, cols], one m16n8k16 per
+// 16 channels, per 16 tokens and per 8 columns. Columns hold the weights as two fp16 terms
+// per query head: column 2g = hi(p_g), column 2g+1 = lo(p_g), where
+//   x = p * 2^10,  hi = fp16 round-toward-zero(x),  lo = fp16 round-to-nearest(x - hi),
+// so hi + lo carries x to ~22 bits (fp32-level weights, unlike a single fp16 P) and lo >= 0.
+// The 2^10 keeps weights down to 2^-24 out of fp16's subnormal range (p <= 1, so x <= 1024);
+// the sum is scaled back by 2^-10 exactly.
+//
+// Fragment mapping (PTX ISA, mma.m16n8k16 .f16 A row / B col, lane = 4*g + tq):
+//   A (V^T): a0 = (row g, k 2tq..2tq+1), a1 = (row g+8, same k), a2 = (row g, k 2tq+8..+9),
+//            a3 = (row g+8, k 2tq+8..+9);  B (P^T): b0 = (k 2tq..2tq+1, col g), b1 = k+8;
+//   C: c0, c1 = (row g, cols 2tq, 2tq+1), c2, c3 = (row g+8, cols 2tq, 2tq+1).
+// Rows and k are free to map to any channels and tokens as long as A and B agree:
+//   k 2tq+e -> token 4tq+e and k 2tq+8+e -> token 4tq+2+e of the warp's 16 tokens (so the
+//   lane's own four loaded rows, and b0/b1 are adjacent weights: one 8-byte shared load);
+//   m-tile mt, rows g / g+8 -> channels CH*g + 2mt / CH*g + 2mt + 1 (the lane's own slice).
+// So a lane loads 4 token rows x CH = D/8 channels (one 16-byte hi load per row at D = 128),
+// and C's c0 + c1 is head tq's output for one channel, c2 + c3 for the next.
+//
+// Special values: a block of V holding an exponent-31 value is read at 16 bits (as in every
+// version); there, a weight p > 0 whose lo term would be 0 gets the smallest subnormal
+// instead, so that Inf * hi + Inf * lo stays Inf (Inf * 0 would be NaN; lo >= 0 rules out
+// Inf - Inf) at a cost of <= 2^-34 absolute per weight.
+//
+// The scores kernel of this version is version 3's. Numerics: the same tiers, statistics and
+// byte counts as versions 1-4; the output differs in summation order and in the weights'
+// 22-bit (instead of 24-bit) representation.
+#pragma once
+#include "akv_decode_v3.cuh"
+
+namespace akv5 {
+
+using akv2::assemble8;
+using akv2::tier_words;
+using akv3::kMaxSplit;
+
+// C += A · B for one m16n8k16 tile (fp16 operands, fp32 accumulate). Turing (sm_75) has no
+// k16 shape: two k8 steps with the same fragments (a0 a1 b0, then a2 a3 b1).
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a2), "r"(a3), "r"(b1));
+#endif
+}
+
+// One token row of a lane's channel slice: hi bytes, mid and lo nibbles (CH = D/8 channels).
+template <int D>
+struct Row;
+template <>
+struct Row<128> {           // 16 channels: 16 hi bytes, 8 mid bytes, 8 lo bytes
+  uint4 hi;
+  uint2 mid, lo;
+  __device__ __forceinline__ void load(const uint8_t* h, const uint8_t* m, const uint8_t* l,
+                                       int tier) {
+    hi = make_uint4(0u, 0u, 0u, 0u);
+    mid = make_uint2(0u, 0u);
+    lo = make_uint2(0u, 0u);
+    if (tier > 0) hi = *reinterpret_cast<const uint4*>(h);
+    if (tier >= 12) mid = *reinterpret_cast<const uint2*>(m);
+    if (tier >= 16) lo = *reinterpret_cast<const uint2*>(l);
+  }
+  // half2 words of channel pairs (0,1), (2,3), ... (14,15)
+  __device__ __forceinline__ void join(int tier, uint32_t (&w)[8]) const {
+    uint2 m = mid, l = lo;
+    tier_words(tier, m, l);
+    assemble8(hi.x, hi.y, m.x, l.x, w);
+    assemble8(hi.z, hi.w, m.y, l.y, w + 4);
+  }
+};
+template <>
+struct Row<64> {            // 8 channels: 8 hi bytes, 4 mid bytes, 4 lo bytes
+  uint2 hi;
+  uint32_t mid, lo;
+  __device__ __forceinline__ void load(const uint8_t* h, const uint8_t* m, const uint8_t* l,
+                                       int tier) {
+    hi = make_uint2(0u, 0u);
+    mid = lo = 0u;
+    if (tier > 0) hi = *reinterpret_cast<const uint2*>(h);
+    if (tier >= 12) mid = *reinterpret_cast<const uint32_t*>(m);
+    if (tier >= 16) lo = *reinterpret_cast<const uint32_t*>(l);
+  }
+  __device__ __forceinline__ void join(int tier, uint32_t (&w)[4]) const {
+    uint2 m = make_uint2(mid, 0u), l = make_uint2(lo, 0u);
+    tier_words(tier, m, l);
+    assemble8(hi.x, hi.y, m.x, l.x, w);
+  }
+};
+
+// ------------------------------------------------------------------------------- values
+// Grid (splits, Hk, B), 128 threads; split s covers blocks s*S .. s*S+S-1 of sequence b.
+// Prologue as version 3 (reference exponents, weights, tiers), but the weights go to shared
+// memory as the hi/lo fp16 columns of P^T, zero for tokens that are not read. Main loop:
+// warp w takes tokens 16w .. 16w+15 of each block, lane (g, tq) its rows 4tq .. 4tq+3 and
+// channels CH*g .. CH*g+CH-1; one mma per (m-tile, n-tile). Epilogue: c0+c1 / c2+c3 per head
+// and channel, summed over the 4 warps through shared memory.
+template <int D, int G, int WS>
+__device__ __forceinline__ void values(
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
+    const uint8_t* __restrict__ v_lo, const uint8_t* __restrict__ v_exp, int num_kv_heads,
+    int full_mode, int t8, int t12, int skip, int bias, int split_blocks,
+    const float* __restrict__ scores_in, const float* __restrict__ stats,
+    const float* __restrict__ o_est, float* __restrict__ partial,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map) {
+  // WS warps share a block's channels: warp w takes channels (w % WS) * D/WS .. and tokens
+  // (w / WS) * 16*WS .. of each block, in WS k-steps of 16 (fewer accumulators per lane)
+  constexpr int T = AKV_BLOCK_TOKENS, DW = D / WS, CH = DW / 8, MT = CH / 2, NWT = 4 / WS;
+  constexpr int NT = (2 * G + 7) / 8, NCOL = 8 * NT;
+  constexpr int PSTRIDE = kMaxSplit * T + 8;            // halves; +8 staggers the banks
+  constexpr int PBYTES = NCOL * PSTRIDE * 2, RBYTES = NWT * G * D * 4;
+  constexpr int UBYTES = PBYTES > RBYTES ? PBYTES : RBYTES;
+  static_assert(2 * G <= 16, "at most 8 query heads per KV head");
+  static_assert(WS == 1 || WS == 2, "channel split");
+  __shared__ int s_eo[G][D];
+  __shared__ uint8_t s_vexp[kMaxSplit][D];
+  __shared__ int s_phys[kMaxSplit];
+  __shared__ int s_r[kMaxSplit][G];
+  __shared__ int s_special[kMaxSplit];
+  __shared__ uint8_t s_tier[kMaxSplit * T];
+  // P^T columns during the main loop, then the 4 warps' partial outputs
+  __shared__ __align__(16) uint8_t s_union[UBYTES];
+  auto s_ph = reinterpret_cast<__half(*)[PSTRIDE]>(s_union);
+  auto s_red = reinterpret_cast<float(*)[G][D]>(s_union);   // [NWT][G][D]
+
+  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  const int nblk = (n + T - 1) / T;
+  const int first = split * split_blocks;
+  if (first >= nblk) return;
+  const int count = min(split_blocks, nblk - first);
+  const int num_q_heads = num_kv_heads * G;
+  const long long qhead = (long long)b * num_q_heads + (long long)h * G;
+
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int g = idx / D, d = idx % D;
+    s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
+  }
+  if (tid < count) {
+    s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
+    s_special[tid] = 0;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < count * D; idx += 128) {
+    const int j = idx / D, d = idx % D;
+    const int ev = v_exp[((long long)s_phys[j] * num_kv_heads + h) * D + d];
+    s_vexp[j][d] = ev;
+    if (ev == AKV_SPECIAL_EXPONENT) s_special[j] = 1;
+  }
+  __syncthreads();
+  for (int jg = warp; jg < count * G; jg += 4) {
+    const int j = jg / G, g = jg % G;
+    int r = 0x7fffffff;
+    for (int d = lane; d < D; d += 32) {
+      const int ev = s_vexp[j][d];
+      r = min(r, s_eo[g][d] - ((ev < 1 ? 1 : ev) - 15));
+    }
+    r = akv_warp_min_int(r);
+    if (lane == 0) s_r[j][g] = r + bias;
+  }
+  __syncthreads();
+  const int skip_at = skip + akv_skip_budget(n);
+  for (int t = tid; t < count * T; t += 128) {
+    const int j = t / T, tok = first * T + t;
+    const bool valid = tok < n;
+    int tier = 0;
+    float p[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      p[g] = 0.f;
+      if (valid) {
+        const float s = scores_in[(qhead + g) * ((long long)blocks_per_seq * T) + tok];
+        p[g] = expf(s - stats[(qhead + g) * 2]) / stats[(qhead + g) * 2 + 1];
+      }
+      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p[g]), skip_at, t8,
+                                           t12));
+    }
+    if (full_mode || s_special[j]) tier = 16;
+    if (!valid) tier = 0;
+    s_tier[t] = tier;
+    if (v_tier_map && valid)
+      v_tier_map[((long long)b * num_kv_heads + h) * ((long long)blocks_per_seq * T) + tok] = tier;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      __half hi = __float2half_rz(0.f), lo = hi;
+      if (tier > 0) {
+        const float x = p[g] * 1024.f;
+        hi = __float2half_rz(x);
+        lo = __float2half_rn(x - __half2float(hi));
+        if (s_special[j] && x > 0.f && __half_as_ushort(lo) == 0) lo = __ushort_as_half(1);
+      }
+      s_ph[2 * g][t] = hi;
+      s_ph[2 * g + 1][t] = lo;
+    }
+#pragma unroll
+    for (int c = 2 * G; c < NCOL; ++c) s_ph[c][t] = __ushort_as_half(0);
+  }
+  __syncthreads();
+  if (counters && warp == 0) {
+    int n8 = 0, n12 = 0, n16 = 0;
+    for (int t = lane; t < count * T; t += 32) {
+      const int tr = s_tier[t];
+      n8 += tr > 0;
+      n12 += tr >= 12;
+      n16 += tr >= 16;
+    }
+    n8 = akv_warp_sum_int(n8);
+    n12 = akv_warp_sum_int(n12);
+    n16 = akv_warp_sum_int(n16);
+    if (lane == 0) {
+      atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
+      atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
+      atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
+      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
+    }
+  }
+
+  const int g8 = lane >> 2, tq = lane & 3;
+  const int tok0 = (warp / WS) * 16 * WS + 4 * tq;       // the lane's first row of a block
+  const int ch0 = (warp % WS) * DW + CH * g8;             // the lane's first channel
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[mt][nt][k] = 0.f;
+
+  for (int j = 0; j < count; ++j) {
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+    const uint8_t* vhi = v_hi + head * T * D + ch0;
+    const uint8_t* vmid = v_mid + head * T * (D / 2) + ch0 / 2;
+    const uint8_t* vlo = v_lo + head * T * (D / 2) + ch0 / 2;
+    Row<DW> row[WS][4];
+    int tier[WS][4];
+#pragma unroll
+    for (int ks = 0; ks < WS; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = tok0 + 16 * ks + i;
+        tier[ks][i] = s_tier[j * T + t];
+        row[ks][i].load(vhi + t * D, vmid + t * (D / 2), vlo + t * (D / 2), tier[ks][i]);
+      }
+#pragma unroll
+    for (int ks = 0; ks < WS; ++ks) {
+      uint2 pb[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        pb[nt] = *reinterpret_cast<const uint2*>(&s_ph[8 * nt + g8][j * T + tok0 + 16 * ks]);
+      uint32_t w0[MT], w1[MT], w2[MT], w3[MT];
+      row[ks][0].join(tier[ks][0], w0);
+      row[ks][1].join(tier[ks][1], w1);
+      row[ks][2].join(tier[ks][2], w2);
+      row[ks][3].join(tier[ks][3], w3);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint32_t a0 = __byte_perm(w0[mt], w1[mt], 0x5410);   // channel 2mt, tokens 0 1
+        const uint32_t a1 = __byte_perm(w0[mt], w1[mt], 0x7632);   // channel 2mt+1
+        const uint32_t a2 = __byte_perm(w2[mt], w3[mt], 0x5410);   // channel 2mt, tokens 2 3
+        const uint32_t a3 = __byte_perm(w2[mt], w3[mt], 0x7632);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          mma16816(acc[mt][nt], a0, a1, a2, a3, pb[nt].x, pb[nt].y);
+      }
+    }
+  }
+  __syncthreads();                      // every warp is done with s_ph: it becomes s_red
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int g = 4 * nt + tq;
+    if (g < G) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int c = ch0 + 2 * mt;
+        s_red[warp / WS][g][c] = acc[mt][nt][0] + acc[mt][nt][1];
+        s_red[warp / WS][g][c + 1] = acc[mt][nt][2] + acc[mt][nt][3];
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int g = idx / D, d = idx % D;
+    float o = s_red[0][g][d];
+#pragma unroll
+    for (int w = 1; w < NWT; ++w) o += s_red[w][g][d];
+    partial[((qhead + g) * blocks_per_seq + split) * D + d] = o * (1.f / 1024.f);
+  }
+}
+
+}  // namespace akv5
+
+// Version 5 entry points: version 3's scores kernel, the tensor-core values kernel.
+#define AKV5_ENTRIES(V, MINB, WS, D, G)                                                                 \
+  extern "C" __global__ void __launch_bounds__(128) akv_decode_scores_v##V##_d##D##_g##G(    \
+      const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
+      const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
+      const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
+      int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
+      float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
+    akv3::scores<D, G, 0>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,  \
+                          k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12,              \
+                          split_blocks, scores, block_max, block_sum, block_arg, counters,   \
+                          k_tier_map);                                                       \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(128, MINB) akv_decode_values_v##V##_d##D##_g##G( \
+      const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
+      const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
+      int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
+      const float* scores, const float* stats, const float* o_est, float* partial,           \
+      unsigned long long* counters, uint8_t* v_tier_map) {                                   \
+    akv5::values<D, G, WS>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
+                       num_kv_heads, full_mode, t8, t12, skip, bias, split_blocks, scores,   \
+                       stats, o_est, partial, counters, v_tier_map);                         \
+  }

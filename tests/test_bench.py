@@ -1,0 +1,29 @@
+"""The benchmark's table and version bookkeeping (CPU; the timings themselves need a GPU)."""
+
+from akv_runtime import bench
+
+
+def _row(shape, default, ms):
+    return {"shape": shape, "batch": 8, "context": 16384, "default_version": default,
+            "ms": ms, "aligned_speedup_vs_sdpa": ms["sdpa_cudnn"] / ms["akv_aligned"],
+            "bytes": {"aligned": {"bits_per_value": {"total": 10.25}}},
+            "aligned_bandwidth_TBps": 3.1, "aligned_fraction_of_copy": 0.73}
+
+
+def test_table_has_a_column_per_version_and_the_default_untagged():
+    rows = [
+        _row("llama2-7b", 3, {"sdpa_cudnn": 0.485, "sdpa_flash": 0.888, "eager": 0.517,
+                              "akv_full": 0.589, "akv_aligned": 0.456,
+                              "akv_full_v6": 0.611, "akv_aligned_v6": 0.488}),
+        _row("llama3-8b", 6, {"sdpa_cudnn": 0.129, "sdpa_flash": 0.130, "eager": 0.156,
+                              "akv_full": 0.248, "akv_aligned": 0.230,
+                              "akv_full_v3": 0.294, "akv_aligned_v3": 0.286}),
+    ]
+    lines = bench.format_table(rows, 4.22e12).splitlines()
+    head = lines[1].split()
+    assert "v3" in head and "v6" in head          # "algn v3", "algn v6"
+    mha, gqa = lines[3].split(), lines[4].split()
+    # columns: shape B ctx cudnn flash eager algn-v3 algn-v6 v full aligned x-cudnn ...
+    assert mha[6:9] == ["0.456", "0.488", "3"] and mha[10] == "0.456"
+    assert gqa[6:9] == ["0.286", "0.230", "6"] and gqa[10] == "0.230"
+    assert gqa[11] == f"{0.129 / 0.230:.2f}"
