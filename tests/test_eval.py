@@ -175,6 +175,8 @@ def test_fp8_round_trip_error_is_bounded(rng):
 
 def test_fp8_scale_is_per_tensor(rng):
     x = random_fp16(rng, (2, 50, 64))
+    x[1] *= np.float16(2)       # the halves' maxima differ for every seed (equal amax of two
+                                # random halves, at fp16 granularity, happened by chance)
     y = ev.fp8_e4m3(x)
     # a larger value elsewhere in the tensor coarsens everything else
     big = x.copy()
