@@ -13,6 +13,8 @@ numpy                              CUDA entry point
                                    → ``akv_decode_values`` → ``akv_decode_combine``
 :func:`causal_decode_attention`    the same four kernels at every position of a
                                    sequence (teacher forcing, for perplexity)
+:func:`mma_weight_terms`           the weights of ``akv_decode_values_v5/v6`` as
+                                   the two fp16 columns of their tensor-core mma
 =================================  ================================================
 
 Tier decisions are integer functions of exactly representable inputs, so the reference's
@@ -821,6 +823,50 @@ def _count_bytes(kt, vt, n, Hq, nblk, D, rule):
 
 
 # -------------------------------------------------------------- plain attentions (oracles)
+
+
+#: Versions 5 and 6 of the values kernel scale the weights by 2^10 before splitting them.
+MMA_WEIGHT_SCALE = 1024.0
+
+
+def mma_weight_terms(p, special: bool = False) -> tuple:
+    """The two fp16 terms in which the tensor-core values kernels (versions 5 and 6,
+    cuda/akv_decode_v5.cuh) carry each softmax weight into ``mma.m16n8k16``.
+
+    With ``x = p * 2^10`` (float32): ``hi = fp16(x)`` rounded toward zero, ``lo = fp16(x -
+    hi)`` rounded to nearest, so ``lo >= 0`` and ``(hi + lo) / 2^10`` equals ``p`` within
+    ``2^-21 * p + 2^-35`` (fp16 subnormals set the absolute floor). In a V block holding an
+    Inf/NaN (``special``) a weight ``p > 0`` whose ``lo`` would be 0 gets the smallest fp16
+    subnormal instead, so that ``Inf * hi + Inf * lo`` stays Inf.
+
+    Parameters
+    ----------
+    p : array_like of float32, values in [0, 1]
+        Softmax weights (``exp(s - m) / l``; the kernels never see p > 1).
+    special : bool
+        The block holds an exponent-31 V value.
+
+    Returns
+    -------
+    (hi, lo) : float16 arrays of p's shape
+
+    Raises
+    ------
+    ValueError
+        A weight outside [0, 1] or not finite.
+    """
+    p = np.asarray(p, np.float32)
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
+        raise ValueError("mma_weight_terms: weights must be finite and in [0, 1]")
+    x = p * np.float32(MMA_WEIGHT_SCALE)
+    hi = x.astype(np.float16)
+    over = np.abs(hi.astype(np.float32)) > np.abs(x)          # rounded away from zero
+    hi = np.where(over, np.nextafter(hi, np.float16(0)), hi).astype(np.float16)
+    lo = (x - hi.astype(np.float32)).astype(np.float16)        # exact difference, then RN
+    if special:
+        tiny = np.float16(2.0 ** -24)
+        lo = np.where((x > 0) & (lo == 0), tiny, lo).astype(np.float16)
+    return hi, lo
 
 
 def float64_attention(q, K, V, scale: float | None = None) -> np.ndarray:

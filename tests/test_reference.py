@@ -244,3 +244,29 @@ def test_causal_decode_attention_rejects_bad_input():
         R.causal_decode_attention(q[..., :7], K[..., :7], K[..., :7])
     with pytest.raises(ValueError, match="no positions"):
         R.causal_decode_attention(q[:, :0], K[:, :0], K[:, :0])
+
+
+def test_mma_weight_terms_carry_the_weight_to_21_bits(rng):
+    """The tensor-core values kernels' weights (versions 5/6): hi + lo within 2^-21 p + 2^-35."""
+    p = np.concatenate([rng.uniform(0, 1, 4000), np.exp2(rng.uniform(-40, 0, 4000)),
+                        [0.0, 1.0, 0.5, 2.0 ** -24, 2.0 ** -30, 1 - 2.0 ** -20]]
+                       ).astype(np.float32)
+    hi, lo = R.mma_weight_terms(p)
+    assert hi.dtype == lo.dtype == np.float16
+    x = p.astype(np.float64) * R.MMA_WEIGHT_SCALE
+    assert np.all(lo >= 0) and np.all(hi.astype(np.float64) <= x)     # hi rounds toward zero
+    got = (hi.astype(np.float64) + lo.astype(np.float64)) / R.MMA_WEIGHT_SCALE
+    err = np.abs(got - p.astype(np.float64))
+    assert np.all(err <= 2.0 ** -21 * p + 2.0 ** -35)
+    # one fp16 (flash-style P) would be ~2^-11 relative: the split is what keeps fp32 weights
+    single = x.astype(np.float16).astype(np.float64) / R.MMA_WEIGHT_SCALE
+    assert np.max(np.abs(single - p)[p > 1e-3] / p[p > 1e-3]) > 2.0 ** -13
+    # p = 1 and powers of two are exact in hi alone: lo = 0, except in special blocks
+    hi1, lo1 = R.mma_weight_terms(np.float32([1.0, 0.0]))
+    assert hi1[0] == 1024 and lo1[0] == 0
+    hs, ls = R.mma_weight_terms(np.float32([1.0, 0.0]), special=True)
+    assert ls[0] == np.float16(2.0 ** -24) and ls[1] == 0 and hs[1] == 0
+    with pytest.raises(ValueError, match="weights"):
+        R.mma_weight_terms(np.float32([1.5]))
+    with pytest.raises(ValueError, match="weights"):
+        R.mma_weight_terms(np.float32([np.nan]))
