@@ -246,6 +246,40 @@ def format_table(rows, copy_bw) -> str:
     return "\n".join(lines)
 
 
+def _grid_and_versions(parser, args):
+    """The cases (shape, batch, context) and kernel versions the arguments ask for; a usage
+    error (one line, exit 2) for anything malformed."""
+    if args.case:
+        grid = []
+        for spec in args.case:
+            parts = spec.split(":")
+            if len(parts) != 3:
+                parser.error(f"--case: expected shape:batch:context, got {spec!r}")
+            shape, b, c = parts
+            if shape not in SHAPES:
+                parser.error(f"--case: unknown shape {shape!r}; shapes are {list(SHAPES)}")
+            try:
+                b, c = int(b), int(c)
+            except ValueError:
+                parser.error(f"--case: batch and context must be integers, got {spec!r}")
+            if b < 1 or c < 1:
+                parser.error(f"--case: batch and context must be positive, got {spec!r}")
+            grid.append((shape, b, c))
+    else:
+        grid = QUICK_GRID if args.quick else full_grid()
+    from .kernels import DECODE_VERSIONS
+    try:
+        versions = (DECODE_VERSIONS if args.versions is None else
+                    tuple(sorted({int(v) for v in args.versions.split(",")})))
+    except ValueError:
+        parser.error(f"--versions: expected numbers like 2,3, got {args.versions!r}")
+    if not set(versions) <= set(DECODE_VERSIONS):
+        parser.error(f"--versions: known versions are {DECODE_VERSIONS}")
+    if args.reps < 1:
+        parser.error(f"--reps: expected a positive number, got {args.reps}")
+    return grid, versions
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m akv_runtime.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,29 +298,18 @@ def main(argv=None) -> int:
                              "(default seed)")
     args = parser.parse_args(argv)
     rule = named_rule(args.rule)
+    # every argument is checked before the GPU is looked for
+    grid, versions = _grid_and_versions(parser, args)
+    from .cli import output_path_problem
+    problem = output_path_problem(args.json) if args.json else None
+    if problem:
+        parser.error(f"--json: {problem}")
     from .cache import cuda_unavailable_reason
     reason = cuda_unavailable_reason()
     if reason is not None:
         print(f"bench: timings need a CUDA GPU ({reason})", file=sys.stderr)
         return 2
     import torch
-    if args.case:
-        grid = []
-        for spec in args.case:
-            shape, b, c = spec.split(":")
-            if shape not in SHAPES:
-                parser.error(f"--case: unknown shape {shape!r}; shapes are {list(SHAPES)}")
-            grid.append((shape, int(b), int(c)))
-    else:
-        grid = QUICK_GRID if args.quick else full_grid()
-    from .kernels import DECODE_VERSIONS
-    try:
-        versions = (DECODE_VERSIONS if args.versions is None else
-                    tuple(sorted({int(v) for v in args.versions.split(",")})))
-    except ValueError:
-        parser.error(f"--versions: expected numbers like 2,3, got {args.versions!r}")
-    if not set(versions) <= set(DECODE_VERSIONS):
-        parser.error(f"--versions: known versions are {DECODE_VERSIONS}")
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 60 << 20)
     copy_bw = copy_bandwidth(torch)

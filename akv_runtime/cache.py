@@ -22,7 +22,7 @@ from . import reference
 from .arrays import describe, is_torch_tensor, to_numpy
 from .layout import (BLOCK_TOKENS, COUNTER_NAMES, MAX_GQA_GROUP, PLANE_NAMES,
                      SUPPORTED_HEAD_DIMS, PlaneLayout, blocks_for, identity_block_table)
-from .reference import MODES, SEED_RULE, AlignmentRule
+from .reference import MODES, RULES, SEED_RULE, AlignmentRule, named_rule
 
 
 class CPUFallbackWarning(RuntimeWarning):
@@ -48,6 +48,20 @@ def cuda_unavailable_reason() -> str | None:
     return driver.unavailable_reason()
 
 
+def _as_rule(rule) -> AlignmentRule:
+    """An AlignmentRule, or the name of one of ``reference.RULES`` ("seed", "tuned",
+    "precise"); TypeError / ValueError otherwise."""
+    if isinstance(rule, str):
+        if rule not in RULES:
+            raise ValueError(f"rule: unknown named rule {rule!r} (named rules: "
+                             f"{', '.join(RULES)})")
+        return named_rule(rule)
+    if not isinstance(rule, AlignmentRule):
+        raise TypeError(f"rule: expected an AlignmentRule or a rule name, got "
+                        f"{type(rule).__name__}")
+    return rule
+
+
 class AlignedKVCache:
     """A bit-plane KV cache for decode with precision-aligned reads.
 
@@ -71,8 +85,9 @@ class AlignedKVCache:
         contiguous cache (the identity table).
     num_blocks : int, optional
         Blocks in the pool (default ``batch_size * blocks_per_sequence``).
-    rule : AlignmentRule
-        The precision-alignment rule used in ``aligned`` mode (DESIGN.md section 4).
+    rule : AlignmentRule or str
+        The precision-alignment rule used in ``aligned`` mode (DESIGN.md section 4), or the
+        name of one of ``reference.RULES``.
     backend : {"auto", "cuda", "numpy"}
         ``auto`` takes CUDA when a driver and a GPU are present, else numpy with a
         :class:`CPUFallbackWarning`.
@@ -105,8 +120,7 @@ class AlignedKVCache:
         if num_query_heads // num_kv_heads > MAX_GQA_GROUP:
             raise ValueError(f"num_query_heads: a GQA group of "
                              f"{num_query_heads // num_kv_heads} exceeds {MAX_GQA_GROUP}")
-        if not isinstance(rule, AlignmentRule):
-            raise TypeError(f"rule: expected an AlignmentRule, got {type(rule).__name__}")
+        rule = _as_rule(rule)
         blocks_per_seq = blocks_for(max_seq_len)
         if block_table is None:
             num_blocks = batch_size * blocks_per_seq if num_blocks is None else num_blocks
@@ -260,8 +274,8 @@ class AlignedKVCache:
         debug : bool
             Also return a dict with the tiers, scores, weights and estimates the backend used
             (copies to the host; for tests).
-        rule : AlignmentRule, optional
-            Override the cache's rule for this call.
+        rule : AlignmentRule or str, optional
+            Override the cache's rule for this call (a name picks ``reference.RULES[name]``).
         strict : bool
             Read all 16 bits for this call, whatever ``mode`` says: the result (and the bytes
             counted) is exactly that of ``mode="full"``. Default ``False``: ``mode`` decides.
@@ -282,9 +296,7 @@ class AlignedKVCache:
         strict = check_bool("strict", strict)
         if strict:
             mode = "full"
-        rule = self.rule if rule is None else rule
-        if not isinstance(rule, AlignmentRule):
-            raise TypeError(f"rule: expected an AlignmentRule, got {type(rule).__name__}")
+        rule = self.rule if rule is None else _as_rule(rule)
         shape = (self.batch_size, self.num_query_heads, self.head_dim)
         q_info = self._check_array("q", q, shape)
         out_info = None

@@ -374,6 +374,14 @@ def _named_rule_defaults(data, source):
                                               f"{', '.join(RULES)}); or give a mapping of "
                                               f"the rule's keys")
         rule = {"name": rule}
+    if (isinstance(rule, dict) and isinstance(rule.get("name"), str)
+            and rule["name"] not in RULES
+            and not {"k_thresholds", "v_thresholds"} <= set(rule)):
+        # a typo of a named rule would otherwise run the seed's values under the typo's label
+        raise ConfigError(source, "rule.name",
+                          f"{rule['name']!r} is not a named rule (named rules: "
+                          f"{', '.join(RULES)}); a custom rule must give k_thresholds and "
+                          f"v_thresholds")
     if isinstance(rule, dict) and rule.get("name") in RULES:
         named = RULES[rule["name"]]
         filled = {"k_thresholds": list(named.k_thresholds),
@@ -388,7 +396,13 @@ def config_from_dict(data, source: str = "<memory>") -> Config:
     """Build and validate a :class:`Config` from parsed YAML (a dict).
 
     ``rule`` may be a named rule (``rule: tuned``) or a mapping; in a mapping whose ``name``
-    is a named rule, the keys not given take that rule's values (docs/design.md).
+    is a named rule, the keys not given take that rule's values (docs/design.md); a mapping
+    with any other ``name`` is a custom rule and must give both threshold pairs.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and the key, for anything invalid.
     """
     data = _named_rule_defaults(data, source)
     config = _build(Config, data, source)

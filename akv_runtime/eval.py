@@ -139,7 +139,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -1145,16 +1144,12 @@ def _check_before_work(parser, args, settings) -> None:
                 corpus_text(name)
             except FileNotFoundError as exc:
                 parser.error(f"--ppl-texts: {exc}")
+    from .cli import output_path_problem
     for flag in ("json", "plot"):
         value = getattr(args, flag)
-        if value:
-            parent = Path(value).expanduser().resolve().parent
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                parser.error(f"--{flag}: cannot create {parent} ({exc.strerror})")
-            if not os.access(parent, os.W_OK):
-                parser.error(f"--{flag}: {parent} is not writable")
+        problem = output_path_problem(value) if value else None
+        if problem:
+            parser.error(f"--{flag}: {problem}")
 
 
 def main(argv=None) -> int:

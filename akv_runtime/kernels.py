@@ -86,8 +86,13 @@ class CudaBackend:
         self.k_combine = fn("akv_decode_combine")
         group = cache.num_query_heads // cache.num_kv_heads
         self.default_decode_version = default_decode_version(group)
-        self.set_decode_version(int(os.environ.get("AKV_DECODE_VERSION",
-                                                   self.default_decode_version)))
+        env = os.environ.get("AKV_DECODE_VERSION", "").strip()
+        try:
+            version = int(env) if env else self.default_decode_version
+        except ValueError:
+            raise ValueError(f"$AKV_DECODE_VERSION: expected one of {DECODE_VERSIONS}, got "
+                             f"{env!r}") from None
+        self.set_decode_version(version)
 
         layout = cache.layout
         self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}

@@ -487,6 +487,13 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .cli import output_path_problem
+    for flag, value in (("json", args.json or config.output.json),
+                        ("plot", args.plot or config.output.plot)):
+        problem = output_path_problem(value) if value else None
+        if problem:
+            print(f"error: --{flag} / output.{flag}: {problem}", file=sys.stderr)
+            return 2
     if args.rule:
         named = RULES[args.rule]
         config = dataclasses.replace(config, rule=RuleConfig(

@@ -1,5 +1,7 @@
 """The benchmark's table and version bookkeeping (CPU; the timings themselves need a GPU)."""
 
+import pytest
+
 from akv_runtime import bench
 
 
@@ -27,3 +29,31 @@ def test_table_has_a_column_per_version_and_the_default_untagged():
     assert mha[6:9] == ["0.456", "0.488", "3"] and mha[10] == "0.456"
     assert gqa[6:9] == ["0.286", "0.230", "6"] and gqa[10] == "0.230"
     assert gqa[11] == f"{0.129 / 0.230:.2f}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--case", "llama2-7b:8"], "expected shape:batch:context"),
+    (["--case", "llama2-7b:x:1"], "must be integers"),
+    (["--case", "llama2-7b:-4:0"], "must be positive"),
+    (["--case", "nosuch:1:1"], "unknown shape"),
+    (["--versions", "9"], "known versions"),
+    (["--versions", "abc"], "expected numbers"),
+    (["--reps", "0"], "--reps"),
+])
+def test_bad_arguments_are_usage_errors_before_the_gpu_check(argv, message, capsys,
+                                                              monkeypatch):
+    from akv_runtime import cache
+    # even where a GPU would be usable, a bad argument never reaches the timing code
+    monkeypatch.setattr(cache, "cuda_unavailable_reason", lambda: pytest.fail("GPU looked for"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_json_path_is_refused_first(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--json", str(afile / "x.json")])
+    assert exc.value.code == 2 and "--json" in capsys.readouterr().err

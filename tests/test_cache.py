@@ -162,3 +162,23 @@ def test_strict_must_be_a_bool(cache, rng, value):
     with pytest.raises(TypeError, match="strict: expected a bool"):
         cache.attend(0, q, strict=value)
     assert_unchanged(cache, snap)
+
+
+def test_rule_by_name(rng):
+    """``rule="tuned"`` (cache or call) is ``reference.RULES["tuned"]``; a typo is an error."""
+    from akv_runtime.reference import TUNED_RULE
+    K = rng.standard_normal((1, 2, 80, 64)).astype(np.float16)
+    V = rng.standard_normal((1, 2, 80, 64)).astype(np.float16)
+    q = rng.standard_normal((1, 2, 64)).astype(np.float16)
+    by_name = AlignedKVCache(1, 2, 64, 128, backend="numpy", rule="tuned")
+    by_object = AlignedKVCache(1, 2, 64, 128, backend="numpy", rule=TUNED_RULE)
+    assert by_name.rule == TUNED_RULE
+    for c in (by_name, by_object):
+        c.append(0, K, V)
+    assert np.array_equal(by_name.attend(0, q), by_object.attend(0, q))
+    assert np.array_equal(by_object.attend(0, q, rule="seed"),
+                          by_object.attend(0, q, rule=R.SEED_RULE))
+    with pytest.raises(ValueError, match="unknown named rule 'tunde'"):
+        by_name.attend(0, q, rule="tunde")
+    with pytest.raises(TypeError, match="AlignmentRule or a rule name"):
+        AlignedKVCache(1, 2, 64, 128, backend="numpy", rule=3)

@@ -223,3 +223,12 @@ def test_rule_by_name_and_named_defaults():
     data["rule"] = {"name": "seed", "v_skip": 3}
     with pytest.raises(ConfigError, match="rule.v_skip"):
         config_from_dict(data)
+    # a typo of a named rule is not run as the seed under the typo's label
+    for typo in ({"name": "tunde"}, {"name": "sede", "k_thresholds": [8, 4], "topk": 32}):
+        data["rule"] = typo
+        with pytest.raises(ConfigError, match=f"rule.name: '{typo['name']}' is not a named rule"):
+            config_from_dict(data)
+    # a custom rule that gives both threshold pairs keeps its own name
+    data["rule"] = {"name": "mine", "k_thresholds": [9, 4], "v_thresholds": [8, 5]}
+    got = config_from_dict(data).rule.to_rule()
+    assert (got.name, got.k_thresholds, got.v_thresholds) == ("mine", (9, 4), (8, 5))

@@ -251,3 +251,16 @@ def test_index_helpers():
     assert workload.error_step_indices(64, 8) == [7, 15, 23, 31, 39, 47, 55, 63]
     assert workload.error_step_indices(3, 8) == [0, 1, 2]
     assert workload.error_step_indices(10, 0) == []
+
+
+def test_unwritable_output_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """--json / --plot under a regular file: one-line error, exit 2, and no run at all."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(run, "run", lambda *a: pytest.fail("the run started"))
+    for flag in ("--json", "--plot"):
+        rc = run.main(["--config", str(CONFIGS / "llama7b.yaml"), flag,
+                       str(afile / "out.file")])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag}") and "Traceback" not in err
