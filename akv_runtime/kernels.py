@@ -28,7 +28,7 @@ ADVANCE_THREADS = 128
 #: tests. docs/perf-notes.md compares them. Version 4 exists for GQA groups up to 4; larger
 #: groups run version 3. Versions 5 and 6 run the values phase on tensor cores (6: at
 #: head_dim 128 two warps share a block's channels, 8 CTAs per SM).
-DECODE_VERSIONS = (1, 2, 3, 4, 5, 6)
+DECODE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 
 def default_decode_version(group: int) -> int:

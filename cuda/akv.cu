@@ -675,3 +675,23 @@ AKV5_ENTRIES(6, 4, 1, 64, 5)
 AKV5_ENTRIES(6, 4, 1, 64, 6)
 AKV5_ENTRIES(6, 4, 1, 64, 7)
 AKV5_ENTRIES(6, 4, 1, 64, 8)
+
+// ------------------------------------------------------------------ decode, version 7
+// q·Kᵀ on tensor cores too (akv_decode_v7.cuh); values as version 6.
+#include "akv_decode_v7.cuh"
+AKV7_ENTRIES(8, 2, 128, 1)
+AKV7_ENTRIES(8, 2, 128, 2)
+AKV7_ENTRIES(8, 2, 128, 3)
+AKV7_ENTRIES(8, 2, 128, 4)
+AKV7_ENTRIES(6, 2, 128, 5)
+AKV7_ENTRIES(6, 2, 128, 6)
+AKV7_ENTRIES(6, 2, 128, 7)
+AKV7_ENTRIES(6, 2, 128, 8)
+AKV7_ENTRIES(6, 1, 64, 1)
+AKV7_ENTRIES(6, 1, 64, 2)
+AKV7_ENTRIES(6, 1, 64, 3)
+AKV7_ENTRIES(6, 1, 64, 4)
+AKV7_ENTRIES(4, 1, 64, 5)
+AKV7_ENTRIES(4, 1, 64, 6)
+AKV7_ENTRIES(4, 1, 64, 7)
+AKV7_ENTRIES(4, 1, 64, 8)

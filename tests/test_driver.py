@@ -131,7 +131,7 @@ def test_signatures_parse_every_entry_point():
                 assert sigs[f"akv_decode_values_v4_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
             else:
                 assert f"akv_decode_scores_v4_d{D}_g{G}" not in sigs
-            for v in (5, 6):      # versions 5, 6 (tensor-core values): version 3's parameters
+            for v in (5, 6, 7):   # versions 5-7 (tensor cores): version 3's parameters
                 assert sigs[f"akv_decode_scores_v{v}_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
                 assert sigs[f"akv_decode_values_v{v}_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
 
@@ -229,7 +229,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
         "akv_decode_combine"]
     assert fake.launches[-2]["args"][14] == split and fake.launches[-2]["smem"] == 0
     with pytest.raises(ValueError, match="decode version"):
-        backend.set_decode_version(7)
+        backend.set_decode_version(8)
     cache.close()
     # version 4 has no kernels for GQA groups above 4: such caches run version 3
     big_group = AlignedKVCache(1, 1, 128, 64, num_query_heads=8, backend="cuda")

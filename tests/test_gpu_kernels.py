@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True, params=[1, 2, 3, 4, 5, 6], ids=["v1", "v2", "v3", "v4", "v5", "v6"])
+@pytest.fixture(autouse=True, params=[1, 2, 3, 4, 5, 6, 7], ids=["v1", "v2", "v3", "v4", "v5", "v6", "v7"])
 def decode_version(request, monkeypatch):
     """Every GPU test runs against every decode kernel version."""
     monkeypatch.setenv("AKV_DECODE_VERSION", str(request.param))

@@ -1,0 +1,241 @@
+// Decode kernels, version 7: q·Kᵀ on tensor cores as well (the values kernel is version 6's).
+//
+// Version 3's scores kernel does G FMAs per K value read (G = query heads per KV head) and
+// holds 16·G accumulators per lane: at G = 4 it uses 128 registers and is bound by its FMAs
+// (docs/perf-notes.md). Here one `mma.sync.m16n8k16` per 16 tokens × 16 channels computes the
+// dot products of all G ≤ 8 heads at once (fp16 K and q are exact operands; fp32
+// accumulation), so the per-value work is the fp16 assembly alone.
+//
+// The product is s[64 tokens, G] = K[64, D] · qᵀ[D, G]; A = K (rows = tokens, k = channels),
+// B = qᵀ (k = channels, columns = heads; columns ≥ G are zero). Fragment mapping
+// (PTX ISA, m16n8k16 .f16, lane = 4*g + tq; see akv_decode_v5.cuh for the layout):
+//   m-tile mt, row g -> token 8g + 2mt, row g+8 -> token 8g + 2mt + 1: a lane's rows are the
+//     8 consecutive tokens 8g .. 8g+7, one 8-byte hi load per channel row;
+//   k-step ks of warp w, k 2tq, 2tq+1, 2tq+8, 2tq+9 -> channels c0..c3 = w*D/4 + 16ks + 4tq +
+//     {0, 1, 2, 3}: a lane's four channels of each k-step;
+//   so a0 = (token 8g+2mt; c0, c1), a1 = (token 8g+2mt+1; c0, c1), a2/a3 the same for c2, c3,
+//   and C's c0, c1 = heads 2tq, 2tq+1 of token 8g+2mt, c2, c3 = the same of token 8g+2mt+1.
+// Each warp sums its quarter of the channels; the four partial sums meet in shared memory (in
+// a fixed order). Tiers, counters, block statistics and outputs as version 3 (the scores
+// differ in fp32 summation order).
+#pragma once
+#include "akv_decode_v5.cuh"
+
+namespace akv7 {
+
+using akv2::assemble8;
+using akv2::tier_words;
+using akv3::kMaxSplit;
+using akv5::mma16816;
+
+template <int D, int G>
+__device__ __forceinline__ void scores(
+    const __half* __restrict__ q, long long q_sb, long long q_sh,
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ k_hi, const uint8_t* __restrict__ k_mid,
+    const uint8_t* __restrict__ k_lo, const uint8_t* __restrict__ k_exp, int num_kv_heads,
+    float scale, int full_mode, int t8, int t12, int split_blocks,
+    float* __restrict__ scores_out, float* __restrict__ block_max,
+    float* __restrict__ block_sum, int* __restrict__ block_arg,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map) {
+  constexpr int T = AKV_BLOCK_TOKENS, KSW = D / 64;          // k-steps per warp
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+  static_assert(G >= 1 && G <= 8, "at most 8 query heads per KV head");
+  __shared__ __half s_qh[G][D];
+  __shared__ int s_eq[G][D];
+  __shared__ uint8_t s_kexp[kMaxSplit][D];
+  __shared__ uint8_t s_tier[kMaxSplit][D];
+  __shared__ int s_phys[kMaxSplit];
+  __shared__ int s_amax[kMaxSplit][G];
+  __shared__ float s_part[4][G][T];
+  __shared__ float s_score[G][T];
+
+  const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  const int nblk = (n + T - 1) / T;
+  const int first = blockIdx.x * split_blocks;
+  if (first >= nblk) return;
+  const int count = min(split_blocks, nblk - first);
+  const long long qhead = (long long)b * num_kv_heads * G + (long long)h * G;
+
+  // prologue (version 3's): q, the split's physical blocks and exponent maxima, its tiers
+  for (int i = tid; i < D; i += 128) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const __half qh = q[b * q_sb + (long long)(h * G + g) * q_sh + i];
+      s_qh[g][i] = qh;
+      s_eq[g][i] = max((__half_as_ushort(qh) >> 10) & 0x1F, 1);
+    }
+  }
+  if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
+  __syncthreads();
+  for (int idx = tid; idx < count * D; idx += 128) {
+    const int j = idx / D, i = idx % D;
+    s_kexp[j][i] = k_exp[((long long)s_phys[j] * num_kv_heads + h) * D + i];
+  }
+  __syncthreads();
+  for (int jg = warp; jg < count * G; jg += 4) {
+    const int j = jg / G, g = jg % G;
+    int m = 0;
+    for (int i = lane; i < D; i += 32) m = max(m, s_eq[g][i] + s_kexp[j][i]);
+    m = akv_warp_max_int(m);
+    if (lane == 0) s_amax[j][g] = m;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < count * D; idx += 128) {
+    const int j = idx / D, i = idx % D;
+    const int ek = s_kexp[j][i];
+    int tier = 8;
+    if (full_mode || ek == AKV_SPECIAL_EXPONENT) {
+      tier = 16;
+    } else {
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+        tier = max(tier, akv_tier_from_gap(s_amax[j][g] - (s_eq[g][i] + ek), t8, t12));
+    }
+    s_tier[j][i] = tier;
+    if (k_tier_map)
+      k_tier_map[(((long long)b * num_kv_heads + h) * blocks_per_seq + first + j) * D + i] = tier;
+  }
+  __syncthreads();
+  if (counters && warp == 0) {
+    int n12 = 0, n16 = 0;
+    for (int idx = lane; idx < count * D; idx += 32) {
+      const int tr = s_tier[idx / D][idx % D];
+      n12 += tr >= 12;
+      n16 += tr >= 16;
+    }
+    n12 = akv_warp_sum_int(n12);
+    n16 = akv_warp_sum_int(n16);
+    if (lane == 0) {
+      atomicAdd(&counters[AKV_K_HI], (unsigned long long)(T * D * count));
+      atomicAdd(&counters[AKV_K_MID], (unsigned long long)(T / 2 * n12));
+      atomicAdd(&counters[AKV_K_LO], (unsigned long long)(T / 2 * n16));
+      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
+      atomicAdd(&counters[AKV_VALUES],
+                (unsigned long long)((min(n, (first + count) * T) - first * T) * D));
+    }
+  }
+
+  const int g8 = lane >> 2, tq = lane & 3;
+  const int cbase = warp * (D / 4) + 4 * tq;               // + 16 ks + i: the lane's channels
+  // B fragments (qᵀ), fixed for the CTA: head g8 (zero past G), channel pairs of each k-step
+  uint32_t bq[KSW][2];
+#pragma unroll
+  for (int ks = 0; ks < KSW; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      uint32_t v = 0u;
+      if (g8 < G) {
+        const int c = cbase + 16 * ks + 2 * r;
+        v = (uint32_t)__half_as_ushort(s_qh[g8][c]) |
+            ((uint32_t)__half_as_ushort(s_qh[g8][c + 1]) << 16);
+      }
+      bq[ks][r] = v;
+    }
+  }
+  // a lane's planes of one block: 4 channels per k-step, tokens 8g8 .. 8g8+7
+  uint2 hi[KSW][4];
+  uint32_t mid[KSW][4], lo[KSW][4];
+  int tier[KSW][4];
+  auto load = [&](int j) {
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+#pragma unroll
+    for (int ks = 0; ks < KSW; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = cbase + 16 * ks + i;
+        const long long row = head * D + c;
+        tier[ks][i] = s_tier[j][c];
+        hi[ks][i] = *reinterpret_cast<const uint2*>(k_hi + row * T + 8 * g8);
+        mid[ks][i] = 0u;
+        lo[ks][i] = 0u;
+        if (tier[ks][i] >= 12)
+          mid[ks][i] = *reinterpret_cast<const uint32_t*>(k_mid + row * (T / 2) + 4 * g8);
+        if (tier[ks][i] >= 16)
+          lo[ks][i] = *reinterpret_cast<const uint32_t*>(k_lo + row * (T / 2) + 4 * g8);
+      }
+  };
+  load(0);
+  for (int j = 0; j < count; ++j) {
+    const int blk = first + j;
+    float acc[4][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[mt][k] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KSW; ++ks) {
+      uint32_t w[4][4];                 // [channel i][token pair]: (8g8+2p, 8g8+2p+1)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint2 m = make_uint2(mid[ks][i], 0u), l = make_uint2(lo[ks][i], 0u);
+        tier_words(tier[ks][i], m, l);
+        assemble8(hi[ks][i].x, hi[ks][i].y, m.x, l.x, w[i]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        const uint32_t a0 = __byte_perm(w[0][mt], w[1][mt], 0x5410);  // token 8g+2mt: c0 c1
+        const uint32_t a1 = __byte_perm(w[0][mt], w[1][mt], 0x7632);  // token 8g+2mt+1
+        const uint32_t a2 = __byte_perm(w[2][mt], w[3][mt], 0x5410);  // token 8g+2mt: c2 c3
+        const uint32_t a3 = __byte_perm(w[2][mt], w[3][mt], 0x7632);
+        mma16816(acc[mt], a0, a1, a2, a3, bq[ks][0], bq[ks][1]);
+      }
+    }
+    if (j + 1 < count) load(j + 1);    // in flight while this block is reduced
+    // this warp's quarter-channel sums: heads 2tq, 2tq+1 of tokens 8g8+2mt, +1
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+      const int t = 8 * g8 + 2 * mt;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int g = 2 * tq + e;
+        if (g < G) {
+          s_part[warp][g][t] = acc[mt][e];
+          s_part[warp][g][t + 1] = acc[mt][2 + e];
+        }
+      }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < G * T; idx += 128) {
+      const int g = idx / T, t = idx % T;
+      float s = ((s_part[0][g][t] + s_part[1][g][t]) + s_part[2][g][t]) + s_part[3][g][t];
+      s *= scale;
+      const int tok = blk * T + t;
+      const bool valid = tok < n;
+      s_score[g][t] = valid ? s : -INFINITY;
+      if (valid) scores_out[(qhead + g) * ((long long)blocks_per_seq * T) + tok] = s;
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += 4) {
+      const long long at = (qhead + g) * blocks_per_seq + blk;
+      akv_block_stats(s_score[g], lane, blk, at, block_max, block_sum, block_arg);
+    }
+  }
+}
+
+}  // namespace akv7
+
+// Version 7 entry points: the tensor-core scores kernel, version 6's values kernel.
+#define AKV7_ENTRIES(MINB, WS, D, G)                                                         \
+  extern "C" __global__ void __launch_bounds__(128, 6) akv_decode_scores_v7_d##D##_g##G(    \
+      const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
+      const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
+      const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
+      int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
+      float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
+    akv7::scores<D, G>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
+                       k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12, split_blocks,   \
+                       scores, block_max, block_sum, block_arg, counters, k_tier_map);       \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(128, MINB) akv_decode_values_v7_d##D##_g##G( \
+      const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
+      const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
+      int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
+      const float* scores, const float* stats, const float* o_est, float* partial,           \
+      unsigned long long* counters, uint8_t* v_tier_map) {                                   \
+    akv5::values<D, G, WS>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,   \
+                           num_kv_heads, full_mode, t8, t12, skip, bias, split_blocks,       \
+                           scores, stats, o_est, partial, counters, v_tier_map);             \
+  }
