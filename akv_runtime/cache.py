@@ -48,6 +48,16 @@ def cuda_unavailable_reason() -> str | None:
     return driver.unavailable_reason()
 
 
+def _check_rule_backend(rule: AlignmentRule, backend: str) -> None:
+    """NotImplementedError for a rule the backend cannot run: the two-pass K read
+    (``rule.k_weight_margin``) exists in the numpy reference only (a design study)."""
+    if backend == "cuda" and rule.k_weight_margin is not None:
+        raise NotImplementedError(
+            "rule.k_weight_margin: the two-pass K read is a design study of the numpy "
+            "reference (docs/fidelity.md); the CUDA kernels do not implement it; use "
+            "backend='numpy' or a rule without k_weight_margin")
+
+
 def _as_rule(rule) -> AlignmentRule:
     """An AlignmentRule, or the name of one of ``reference.RULES`` ("seed", "tuned",
     "precise"); TypeError / ValueError otherwise."""
@@ -165,6 +175,7 @@ class AlignedKVCache:
                 warnings.warn(f"akv_runtime: no CUDA backend ({reason}); the numpy reference "
                               f"serves the cache on the CPU", CPUFallbackWarning, stacklevel=2)
                 backend = "numpy"
+        _check_rule_backend(rule, backend)          # before any device memory is taken
         if backend == "cuda":
             reason = cuda_unavailable_reason()
             if reason is not None:
@@ -297,6 +308,8 @@ class AlignedKVCache:
         if strict:
             mode = "full"
         rule = self.rule if rule is None else _as_rule(rule)
+        if mode == "aligned":
+            _check_rule_backend(rule, self.backend)
         shape = (self.batch_size, self.num_query_heads, self.head_dim)
         q_info = self._check_array("q", q, shape)
         out_info = None

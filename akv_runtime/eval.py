@@ -313,7 +313,7 @@ def evaluate(trace, *, decode_steps: int | None = None, layers=None,
     errs = {"aligned": [], "fp16": []}
     t0 = time.perf_counter()
     bar = tqdm(total=len(kept) * steps, desc="fidelity (layer, position)", unit="pos",
-               disable=not progress)
+               disable=None if progress else True)
     total_counters = np.zeros(len(COUNTER_NAMES), np.int64)
     per_layer = {"layers": list(kept), "k": [], "v": [], "total": []}
     for i, layer in enumerate(kept):
@@ -374,6 +374,7 @@ def evaluate(trace, *, decode_steps: int | None = None, layers=None,
         "attention_rel_error": att,
         "attention_samples": int(sum(len(e) for e in errs["aligned"])),
         "bits_per_value": bits,
+        "counters": {name: int(c) for name, c in zip(COUNTER_NAMES, total_counters)},
         "bits_per_value_layers": per_layer,
         "token_agreement": None,
         "perplexity": None,
@@ -697,7 +698,7 @@ def perplexity_eval(model, tokenizer, texts=PPL_TEXTS, tokens: int = 1024, *,
     counters: dict = {}
     documents = []
     bar = tqdm(total=len(docs) * len(variants) * num_layers, unit="layer",
-               desc="perplexity (document, variant, layer)", disable=not progress)
+               desc="perplexity (document, variant, layer)", disable=None if progress else True)
     for text, ids in docs:
         entry = {"text": text, "predicted_tokens": tokens - 1, "nll": {}, "perplexity": {}}
         for variant in variants:
@@ -813,7 +814,7 @@ def agreement_eval(model, tokenizer, prompts=PROMPTS, gen_tokens: int = 128, *,
     agreeing = positions = 0
     counters = np.zeros(len(COUNTER_NAMES), np.int64)
     bar = tqdm(total=len(prompts) * gen_tokens, unit="token",
-               desc="token agreement (prompt, position)", disable=not progress)
+               desc="token agreement (prompt, position)", disable=None if progress else True)
     for i, prompt in enumerate(prompts):
         ids = make_prompt_ids(tokenizer, prompt)
         bar.set_postfix_str(f"prompt {i + 1}: fp16 greedy generation")
@@ -1137,8 +1138,13 @@ def _check_before_work(parser, args, settings) -> None:
         if why is not None:
             parser.error(f"--backend cuda: no usable CUDA device here ({why}); use --backend "
                          f"numpy or auto")
+    from .model import corpus_text
+    if not args.trace:                 # the attention replay captures q/K/V on --text
+        try:
+            corpus_text(args.text)
+        except FileNotFoundError as exc:
+            parser.error(f"--text: {exc}")
     if not args.no_e2e:
-        from .model import corpus_text
         for name in settings["ppl_texts"]:
             try:
                 corpus_text(name)

@@ -38,11 +38,14 @@ def default_decode_version(group: int) -> int:
     Measured on the H200 (docs/perf-notes.md, 2026-11-29, `python -m akv_runtime.bench
     --quick`): MHA (group 1) is fastest on version 3 (version 6 is 2-7 % slower at 4k-16k
     tokens); GQA groups of 3 and 4 are 10-24 % faster on version 6, whose tensor-core values
-    kernel does the p·V products of all the group's heads at once.
+    kernel does the p·V products of all the group's heads at once. Groups 2-4 run version 6.
+    Groups above 4 stay on version 3: there versions 5/6 use a second mma column tile that no
+    GPU test run has covered yet (tests/test_gpu_kernels.py now has such cases) and no
+    timing exists.
     """
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
-    return 3 if group == 1 else 6
+    return 6 if 2 <= group <= 4 else 3
 
 
 MAX_GROUP_V4 = 4

@@ -64,6 +64,17 @@ class AlignmentRule:
         ``v_skip + skip_budget(n)`` binary orders below the output estimate, so that up to
         ``n`` skipped terms of random sign stay ``v_skip`` orders below it (:func:`skip_budget`,
         docs/design.md); ``None`` never skips (the seed).
+    k_weight_margin : int or None
+        **Design study, numpy reference only** (the CUDA kernels refuse such a rule): a
+        two-pass K read. Pass 1 reads every block's K hi plane (tier 8) and bounds each block's
+        largest weight from above (:func:`k_weight_shift`); a block whose weights lie ``w``
+        binary orders below the row's largest has ``max(0, w - k_weight_margin)`` added to
+        every channel's K gap, so far-off blocks stay at tier 8. Channels read at 12 or 16 bits
+        re-read their hi row in pass 2 (counted). ``None``: single pass (every named rule).
+    k_weight_z : int or None
+        With ``k_weight_margin``: bound the pass-1 score error by ``k_weight_z`` standard
+        deviations of the tier-8 rounding (a statistical bound) instead of its worst case
+        (``None``, sound). :func:`k_weight_shift`.
     """
 
     name: str = "seed"
@@ -72,6 +83,8 @@ class AlignmentRule:
     topk: int = 32
     v_bias: int = 0
     v_skip: int | None = None
+    k_weight_margin: int | None = None
+    k_weight_z: int | None = None
 
     def __post_init__(self):
         # every field is a kernel argument (int32): integers only, so that the reference and
@@ -105,6 +118,18 @@ class AlignmentRule:
                 raise ValueError(f"v_skip: expected none (null in YAML) or a gap in "
                                  f"{self.v_thresholds[0]}..{NEVER_SKIP - 1} (at least the "
                                  f"tier-8 gap), got {self.v_skip}")
+
+        if self.k_weight_margin is not None:
+            object.__setattr__(self, "k_weight_margin",
+                               integer("k_weight_margin", self.k_weight_margin))
+            if not 0 <= self.k_weight_margin <= 64:
+                raise ValueError(f"k_weight_margin: expected none or 0..64 binary orders, "
+                                 f"got {self.k_weight_margin}")
+        if self.k_weight_z is not None:
+            object.__setattr__(self, "k_weight_z", integer("k_weight_z", self.k_weight_z))
+            if self.k_weight_margin is None or not 1 <= self.k_weight_z <= 16:
+                raise ValueError(f"k_weight_z: expected none, or 1..16 with k_weight_margin "
+                                 f"set, got {self.k_weight_z}")
 
     @property
     def v_skip_gap(self) -> int:
@@ -349,18 +374,82 @@ def k_tiers(q, k_exp_max, rule: AlignmentRule = SEED_RULE) -> np.ndarray:
     return _k_tiers_from_exponents(eq, ek, rule)
 
 
-def _k_tiers_from_exponents(eq, ek, rule: AlignmentRule) -> np.ndarray:
+def _k_tiers_from_exponents(eq, ek, rule: AlignmentRule, shift=None) -> np.ndarray:
     """The K rule on exponent fields, batched over any leading axes.
 
     ``eq`` int32 [..., kv_heads, G, D] (E of the query heads of each group), ``ek`` int32
     [..., kv_heads, blocks, D] (block channel exponent maxima) → uint8 [..., kv_heads, blocks,
-    D]. Shared by :func:`k_tiers` and :func:`causal_decode_attention`.
+    D]. ``shift`` (int, [..., kv_heads, G, blocks]) is added to every channel's gap
+    (:func:`k_weight_shift`). Shared by :func:`k_tiers` and :func:`causal_decode_attention`.
     """
     a = eq[..., :, :, None, :] + ek[..., :, None, :, :]                 # [...,Hk,G,nblk,D]
     gap = a.max(axis=-1, keepdims=True) - a
+    if shift is not None:
+        gap = gap + np.asarray(shift)[..., None]
     tiers = tier_from_gap(gap, rule.k_thresholds).max(axis=-3)          # [...,Hk,nblk,D]
     tiers[np.broadcast_to(ek == FP16_SPECIAL_EXPONENT, tiers.shape)] = 16
     return tiers
+
+
+def k_weight_shift(q, K8, k_exp_max, length: int, scale, margin: int,
+                   z: int | None = None) -> np.ndarray:
+    """Pass 1 of the two-pass K read (``AlignmentRule.k_weight_margin``; a design study).
+
+    Scores from K read at tier 8 (hi plane, midpoint refill) are within
+    ``E_b = scale · Σ_d |q_d| · 2^(k_exp_max[b, d] - 18)`` of the full-precision scores (a
+    value of biased exponent field ``e`` loses at most half of ``2^(e - 17)``). With
+    ``U_b = max_t s8_t + E_b`` (a bound on the block's largest score) and ``L = max_b (max_t
+    s8_t - E_b)`` (a bound below the row's largest), every weight of block ``b`` is at most
+    ``2^-w_b`` times the row's largest, ``w_b = floor((L - U_b) / ln 2)``. Returns
+    ``max(0, w_b - margin)``: the binary orders added to the block's K gaps. Blocks holding
+    Inf/NaN (exponent 31) get 0.
+
+    With ``z``, ``E_b`` is instead ``z`` standard deviations of the summed rounding errors,
+    each taken as uniform over its worst-case span: ``E_b = z · scale · sqrt(Σ_d q_d² ·
+    4^(k_exp_max[b, d] - 18) / 3)`` — tighter (errors of random sign partly cancel), no longer
+    a guarantee.
+
+    Parameters
+    ----------
+    q : float16 [query_heads, D]
+    K8 : float32 [kv_heads, blocks * 64, D]
+        K read at tier 8 (:func:`join_planes` at tier 8; Inf/NaN may stay).
+    k_exp_max : uint8/int [blocks, kv_heads, D]
+    length : int
+        Tokens in the sequence (the last block's tokens past it are masked).
+    scale : float
+        The score scale (``1/sqrt(D)``).
+    margin : int
+        ``AlignmentRule.k_weight_margin``.
+    z : int, optional
+        ``AlignmentRule.k_weight_z`` (statistical bound); None: the worst case.
+
+    Returns
+    -------
+    int64 [kv_heads, G, blocks]
+    """
+    q = np.asarray(q)
+    Hq, D = q.shape
+    nblk, Hk = np.asarray(k_exp_max).shape[:2]
+    G = Hq // Hk
+    ek = np.asarray(k_exp_max).astype(np.int64).transpose(1, 0, 2)      # [Hk, nblk, D]
+    special = (ek == FP16_SPECIAL_EXPONENT).any(axis=-1)                # [Hk, nblk]
+    qa = np.abs(q.astype(np.float64)).reshape(Hk, G, D)
+    if z is None:
+        bound = float(scale) * np.einsum("hgd,hbd->hgb", qa, np.exp2(ek - 18.0))
+    else:
+        bound = float(scale) * z * np.sqrt(
+            np.einsum("hgd,hbd->hgb", qa ** 2, np.exp2(2 * (ek - 18.0))) / 3)
+    K8 = np.where(np.isfinite(K8), K8, 0).astype(np.float64)
+    s8 = np.einsum("hgd,hjd->hgj", q.astype(np.float64).reshape(Hk, G, D), K8) * float(scale)
+    valid = np.arange(nblk * BLOCK_TOKENS) < length
+    s8 = np.where(valid, s8, -np.inf).reshape(Hk, G, nblk, BLOCK_TOKENS).max(axis=-1)
+    upper = s8 + bound
+    lower = np.max(s8 - bound, axis=-1, keepdims=True)
+    w = np.floor((lower - upper) / np.log(2.0))
+    shift = np.maximum(0, w - margin)
+    shift = np.where(special[:, None, :] | ~np.isfinite(shift), 0, shift)
+    return shift.astype(np.int64)
 
 
 def v_reference_exponent(o_est, v_exp_max, rule: AlignmentRule = SEED_RULE) -> np.ndarray:
@@ -547,11 +636,19 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
         blocks = np.asarray(block_table[b])[:nblk].astype(np.int64)
         kexp = planes["k_exp_max"][blocks]                      # [nblk, Hk, D]
         vexp = planes["v_exp_max"][blocks]
+        kh, km, kl = _gather_k(planes, blocks)                  # [nblk, Hk, D, 64]
         if mode == "full":
             kt = np.full((Hk, nblk, D), 16, np.uint8)
-        else:
+        elif rule.k_weight_margin is None:
             kt = k_tiers(q[b], kexp, rule)
-        kh, km, kl = _gather_k(planes, blocks)                  # [nblk, Hk, D, 64]
+        else:                                                   # two-pass K (a study)
+            K8 = join_planes(kh, km, kl, 8).astype(np.float32)
+            K8 = K8.transpose(1, 0, 3, 2).reshape(Hk, nblk * BLOCK_TOKENS, D)
+            shift = k_weight_shift(q[b], K8, kexp, n, scale, rule.k_weight_margin,
+                                   rule.k_weight_z)
+            eq = exponent_field16(fp16_bits(q[b])).reshape(Hk, G, D)
+            kt = _k_tiers_from_exponents(eq, kexp.astype(np.int32).transpose(1, 0, 2), rule,
+                                         shift)
         K = join_planes(kh, km, kl, kt.transpose(1, 0, 2)[..., None]).astype(np.float32)
         K = K.transpose(1, 0, 3, 2).reshape(Hk, nblk * BLOCK_TOKENS, D)
         qf = q[b].astype(np.float32).reshape(Hk, G, D)
@@ -689,6 +786,9 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
         raise ValueError("q: no positions (N = 0)")
     if not isinstance(rule, AlignmentRule):
         raise TypeError(f"rule: expected an AlignmentRule, got {type(rule).__name__}")
+    if mode == "aligned" and rule.k_weight_margin is not None:
+        raise NotImplementedError("rule.k_weight_margin (the two-pass K study) runs in "
+                                  "decode_attention only, not in causal_decode_attention")
     G = Hq // Hk
     T = BLOCK_TOKENS
     scale = np.float32(1.0 / np.sqrt(D) if scale is None else scale)
@@ -816,6 +916,8 @@ def _count_bytes(kt, vt, n, Hq, nblk, D, rule):
     c[5] = half_d * int((vt >= 16).sum())
     assert c[:3].sum() == k_bytes_per_channel_block(kt).sum()
     assert c[3:6].sum() == v_bytes_per_token(vt, D).sum()
+    if rule.k_weight_margin is not None:     # two-pass K: pass 2 re-reads the hi rows of the
+        c[0] += BLOCK_TOKENS * int((kt >= 12).sum())    # channels it refines
     # exponent maxima (K and V) per block and KV head, plus the estimate's hi rows
     c[6] = 2 * D * nblk * Hk + D * Hq * min(rule.topk, nblk)
     c[7] = n * D * Hk

@@ -147,7 +147,7 @@ def run_model(config: Config, backend: str, args, model_path: Path) -> dict:
     # ---------------------------------------------------------------- generation
     generations, same_total, compared_total = [], 0, 0
     gen_meter = DecodeMeter(num_layers)
-    bar = tqdm(total=2 * len(w.prompts), desc="generate", unit="run", disable=not progress)
+    bar = tqdm(total=2 * len(w.prompts), desc="generate", unit="run", disable=None if progress else True)
     for prompt in w.prompts:
         ids = prompt_ids(tokenizer, prompt, w.chat_template).to(device)
         base = hf.generate(model, ids, DynamicCache(), w.max_new_tokens)[0].tolist()
@@ -182,7 +182,7 @@ def run_model(config: Config, backend: str, args, model_path: Path) -> dict:
         with torch.inference_mode():
             hf.forward(model, tokens[:, :ctx], cache)  # prefill
             for t in tqdm(range(steps), desc=f"perplexity ({name} cache)", unit="token",
-                          disable=not progress):
+                          disable=None if progress else True):
                 logits = hf.forward(model, tokens[:, ctx + t:ctx + t + 1], cache)
                 logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
                 total -= float(logp[tokens[0, ctx + t + 1]])

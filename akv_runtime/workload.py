@@ -628,11 +628,11 @@ def run_attention_workload(source, cache, *, context_tokens: int, decode_steps: 
     from tqdm.auto import tqdm
     num = len(source.layers)
     meter = DecodeMeter(num, error_step_indices(decode_steps, error_steps))
-    for i in tqdm(range(num), desc="prefill", unit="layer", disable=not progress,
+    for i in tqdm(range(num), desc="prefill", unit="layer", disable=None if progress else True,
                   leave=False):
         k, v = source.prefill(i, context_tokens)
         cache.append(i, k, v)
-    for s in tqdm(range(decode_steps), desc="decode", unit="step", disable=not progress,
+    for s in tqdm(range(decode_steps), desc="decode", unit="step", disable=None if progress else True,
                   leave=False):
         position = context_tokens + s
         for i in range(num):

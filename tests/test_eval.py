@@ -349,10 +349,15 @@ def test_attention_part_from_a_trace_without_e2e(tmp_path, rng, capsys):
     assert "bits read per value per replayed layer" in capsys.readouterr().out
 
 
-def test_bad_flags_are_refused(capsys):
+def test_bad_flags_are_refused(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         ev.main(["--prompts", "9", "--no-progress"])
     assert "--prompts" in capsys.readouterr().err
+    # an unknown capture text is refused before the model is loaded
+    monkeypatch.setattr(ev, "run", lambda *a: pytest.fail("the evaluation started"))
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--text", "Nosuch", "--no-e2e", "--no-progress"])
+    assert exc.value.code == 2 and "--text" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the real model

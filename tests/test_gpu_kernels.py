@@ -98,7 +98,8 @@ def _fill(rng, gpu, cpu, B, Hk, D, n):
 @pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1000, False),
                                                 (64, 3, 9, 1, 2047, True),
                                                 (128, 2, 8, 3, 300, False),
-                                                (64, 2, 2, 2, 70, True)])
+                                                (64, 2, 2, 2, 70, True),
+                                                (128, 1, 8, 2, 400, False)])   # group 8
 def test_decode_full_matches_fp16_attention(rng, D, Hk, Hq, B, n, paged):
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged)
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
@@ -125,7 +126,8 @@ SKIPPING = R.AlignmentRule(name="skip-test", v_skip=8)    # aggressive: with the
 @pytest.mark.parametrize("rule", [R.SEED_RULE, SKIPPING], ids=["seed", "v_skip"])
 @pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1500, False),
                                                 (64, 3, 9, 2, 2100, True),
-                                                (128, 8, 32, 1, 700, False)])
+                                                (128, 8, 32, 1, 700, False),
+                                                (64, 2, 12, 1, 600, True)])    # group 6
 def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule):
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)

@@ -270,3 +270,95 @@ def test_mma_weight_terms_carry_the_weight_to_21_bits(rng):
         R.mma_weight_terms(np.float32([1.5]))
     with pytest.raises(ValueError, match="weights"):
         R.mma_weight_terms(np.float32([np.nan]))
+
+
+def _two_pass_case(rng, n=700, Hk=2, G=2, D=64):
+    """A paged-free cache of one sequence with a few blocks that attract the query."""
+    K = (rng.standard_normal((Hk, n, D)) * np.exp2(rng.uniform(-2, 1, (1, 1, D))))
+    V = rng.standard_normal((Hk, n, D))
+    q = rng.standard_normal((Hk * G, D)) * 1.5
+    hot = rng.choice(n, 3, replace=False)
+    K[:, hot] += 2.0 * q.reshape(Hk, G, D).mean(axis=1)[:, None]      # peaked weights
+    return q.astype(np.float16), K.astype(np.float16), V.astype(np.float16)
+
+
+def _planes_of(K, V):
+    Hk, n, D = K.shape
+    nblk = -(-n // 64)
+    layout = PlaneLayout(1, nblk, Hk, D)
+    planes = {name: np.zeros(layout.plane_shape(name)[1:], np.uint8) for name in PLANE_NAMES}
+    table = np.arange(nblk, dtype=np.int32)[None]
+    R.append_tokens(planes, table, np.zeros(1, np.int64), K[None], V[None])
+    return planes, table
+
+
+def test_two_pass_shift_is_a_true_bound_on_block_weights(rng):
+    """k_weight_shift(margin 0) = w_b: no weight of block b exceeds 2^-w_b of the row's
+    largest, with weights from the full-precision K (the pass-1 bound is sound)."""
+    q, K, V = _two_pass_case(rng)
+    Hk, n, D = K.shape
+    planes, table = _planes_of(K, V)
+    nblk = -(-n // 64)
+    kexp = planes["k_exp_max"][:nblk]
+    kh, km, kl = R._gather_k(planes, np.arange(nblk))
+    K8 = R.join_planes(kh, km, kl, 8).astype(np.float32).transpose(1, 0, 3, 2).reshape(
+        Hk, nblk * 64, D)
+    scale = 1 / np.sqrt(D)
+    w = R.k_weight_shift(q, K8, kexp, n, scale, 0)               # [Hk, G, nblk]
+    s = np.einsum("hgd,hjd->hgj", q.astype(np.float64).reshape(Hk, -1, D),
+                  K.astype(np.float64)) * scale
+    s = np.pad(s, ((0, 0), (0, 0), (0, nblk * 64 - n)), constant_values=-np.inf)
+    bmax = s.reshape(Hk, -1, nblk, 64).max(axis=-1)
+    log2_ratio = (bmax - bmax.max(axis=-1, keepdims=True)) / np.log(2)
+    assert np.all(log2_ratio <= -w + 1e-9)
+    assert (w > 0).any() and (w == 0).any()          # the case has far and near blocks
+    # a margin subtracts, never below zero
+    w3 = R.k_weight_shift(q, K8, kexp, n, scale, 3)
+    assert np.array_equal(w3, np.maximum(0, w - 3))
+    # the statistical bound (k_weight_z) is tighter: larger shifts, mostly
+    wz = R.k_weight_shift(q, K8, kexp, n, scale, 0, z=2)
+    assert (wz > w).sum() > (wz < w).sum()
+
+
+def test_two_pass_lowers_far_blocks_and_counts_the_hi_reread(rng):
+    q, K, V = _two_pass_case(rng)
+    Hk, n, D = K.shape
+    planes, table = _planes_of(K, V)
+    lengths = np.array([n])
+    single = R.AlignmentRule(k_thresholds=(11, 7))
+    loose = R.AlignmentRule(k_thresholds=(11, 7), k_weight_margin=64)   # never shifts here
+    tight = R.AlignmentRule(k_thresholds=(11, 7), k_weight_margin=2)
+    r1 = R.decode_attention(planes, q[None], table, lengths, rule=single, keep_debug=True)
+    r64 = R.decode_attention(planes, q[None], table, lengths, rule=loose, keep_debug=True)
+    r2 = R.decode_attention(planes, q[None], table, lengths, rule=tight, keep_debug=True)
+    kt1, kt2 = r1.k_tiers[0], r2.k_tiers[0]
+    # margin 64: the single-pass tiers and output, plus pass 2's hi re-read in the counter
+    assert np.array_equal(r64.k_tiers[0], kt1) and np.array_equal(r64.output, r1.output)
+    extra = r64.counters - r1.counters
+    assert extra[0] == 64 * int((kt1 >= 12).sum()) and not extra[1:].any()
+    # margin 2: never more bits than the single pass, fewer on the far blocks
+    assert np.all(kt2 <= kt1) and (kt2 < kt1).any()
+    assert r2.counters[1] < r1.counters[1]
+    # the error stays near the single pass's (weights of lowered blocks are small)
+    exact = R.float64_attention(q, K, V)
+    e1 = R.relative_error(r1.output[0], exact)
+    e2 = R.relative_error(r2.output[0], exact)
+    assert e2 < 2 * e1 + 1e-4
+
+
+def test_two_pass_is_refused_where_it_does_not_exist():
+    rule = R.AlignmentRule(k_weight_margin=4)
+    q = np.zeros((2, 70, 64), np.float16)
+    with pytest.raises(NotImplementedError, match="k_weight_margin"):
+        R.causal_decode_attention(q, q, q, rule=rule)
+    from akv_runtime.cache import _check_rule_backend
+    with pytest.raises(NotImplementedError, match="CUDA kernels do not implement it"):
+        _check_rule_backend(rule, "cuda")
+    _check_rule_backend(rule, "numpy")
+    with pytest.raises(ValueError, match="k_weight_margin"):
+        R.AlignmentRule(k_weight_margin=-1)
+    with pytest.raises(TypeError, match="k_weight_margin"):
+        R.AlignmentRule(k_weight_margin=2.5)
+    with pytest.raises(ValueError, match="k_weight_z"):
+        R.AlignmentRule(k_weight_z=2)                   # needs k_weight_margin
+    assert R.AlignmentRule(k_weight_margin=2, k_weight_z=2).k_weight_z == 2
