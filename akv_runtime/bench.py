@@ -275,8 +275,6 @@ def _grid_and_versions(parser, args):
         parser.error(f"--versions: expected numbers like 2,3, got {args.versions!r}")
     if not set(versions) <= set(DECODE_VERSIONS):
         parser.error(f"--versions: known versions are {DECODE_VERSIONS}")
-    if args.reps < 1:
-        parser.error(f"--reps: expected a positive number, got {args.reps}")
     return grid, versions
 
 
@@ -286,7 +284,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short grid (issue 2's timing)")
     parser.add_argument("--case", action="append", default=[],
                         help="shape:batch:context, e.g. llama2-7b:8:16384 (repeatable)")
-    parser.add_argument("--reps", type=int, default=20, help="calls per graph replay")
+    from .cli import positive_int
+    parser.add_argument("--reps", type=positive_int, default=20,
+                        help="calls per graph replay")
     parser.add_argument("--versions", default=None,
                         help="decode kernel versions to time, comma-separated (default all; "
                              "each shape's default version, kernels.default_decode_version, "

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
+
+
+def positive_int(value: str) -> int:
+    """argparse ``type`` for a positive integer (a one-line usage error otherwise)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
 
 
 def output_path_problem(value) -> str | None:

@@ -146,6 +146,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import json_default
+from .cli import positive_int
 from . import reference as ref
 from .reference import fp16_scores, fp16_weighted_sum, fp16_weights  # plain fp16 arithmetic
 from .reference import SEED_RULE, AlignmentRule
@@ -985,16 +986,6 @@ def _texts(value: str) -> tuple:
     return texts
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m akv_runtime.eval", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1017,11 +1008,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the end-to-end part (perplexity, token agreement)")
     p.add_argument("--ppl-texts", type=_texts, metavar="A,B,...",
                    help=f"perplexity documents (default {','.join(PPL_TEXTS)})")
-    p.add_argument("--ppl-tokens", type=_positive, metavar="N",
+    p.add_argument("--ppl-tokens", type=positive_int, metavar="N",
                    help="tokens per perplexity document (N - 1 are predicted)")
-    p.add_argument("--prompts", type=_positive, metavar="N",
+    p.add_argument("--prompts", type=positive_int, metavar="N",
                    help=f"the first N of the {len(PROMPTS)} prompts for token agreement")
-    p.add_argument("--gen-tokens", type=_positive, metavar="N",
+    p.add_argument("--gen-tokens", type=positive_int, metavar="N",
                    help="greedy tokens generated per prompt")
     p.add_argument("--rule", default="seed", choices=sorted(ref.RULES),
                    help="named precision-alignment rule of the aligned rows (default seed)")
