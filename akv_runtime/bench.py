@@ -27,14 +27,18 @@ SHAPES = {
     "llama2-7b": (32, 32, 128),
     "llama3-8b": (32, 8, 128),
     "smollm2-135m": (9, 3, 64),
+    # GQA group 8 (--case only, not in the grids): Llama-3-70B's attention shape
+    "llama3-70b": (64, 8, 128),
 }
+#: the shapes of issue 4's grid
+GRID_SHAPES = ("llama2-7b", "llama3-8b", "smollm2-135m")
 QUICK_GRID = [("llama2-7b", 1, 4096), ("llama2-7b", 8, 4096), ("llama2-7b", 8, 16384),
               ("llama2-7b", 8, 32768), ("llama3-8b", 8, 16384), ("smollm2-135m", 8, 2048)]
 
 
 def full_grid():
     grid = []
-    for shape in SHAPES:
+    for shape in GRID_SHAPES:
         for batch in (1, 8, 32):
             for ctx in (4096, 16384, 32768):
                 grid.append((shape, batch, ctx))

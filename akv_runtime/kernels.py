@@ -24,28 +24,29 @@ ESTIMATE_THREADS = 256
 VALUE_THREADS = 128
 ADVANCE_THREADS = 128
 #: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
-#: 3 and 4, cuda/akv_decode_v5.cuh: 5 and 6); $AKV_DECODE_VERSION picks one for benchmarks and
-#: tests. docs/perf-notes.md compares them. Version 4 exists for GQA groups up to 4; larger
-#: groups run version 3. Versions 5 and 6 run the values phase on tensor cores (6: at
-#: head_dim 128 two warps share a block's channels, 8 CTAs per SM).
+#: 3 and 4, cuda/akv_decode_v5.cuh: 5 and 6, cuda/akv_decode_v7.cuh: 7); $AKV_DECODE_VERSION
+#: picks one for benchmarks and tests. docs/perf-notes.md compares them. Version 4 exists for
+#: GQA groups up to 4; larger groups run version 3. Versions 5 and 6 run the values phase on
+#: tensor cores (6: at head_dim 128 two warps share a block's channels, 8 CTAs per SM);
+#: version 7 also the scores phase (q·Kᵀ), with version 6's values kernel.
 DECODE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 
 def default_decode_version(group: int) -> int:
     """The decode kernel version a cache of GQA group size ``group`` (query heads per KV
-    head) runs unless $AKV_DECODE_VERSION says otherwise.
+    head) runs unless $AKV_DECODE_VERSION says otherwise: 3 for MHA, 7 for every GQA group.
 
-    Measured on the H200 (docs/perf-notes.md, 2026-11-29, `python -m akv_runtime.bench
-    --quick`): MHA (group 1) is fastest on version 3 (version 6 is 2-7 % slower at 4k-16k
-    tokens); GQA groups of 3 and 4 are 10-24 % faster on version 6, whose tensor-core values
-    kernel does the p·V products of all the group's heads at once. Groups 2-4 run version 6.
-    Groups above 4 stay on version 3: there versions 5/6 use a second mma column tile that no
-    GPU test run has covered yet (tests/test_gpu_kernels.py now has such cases) and no
-    timing exists.
+    Measured on the H200 (docs/perf-notes.md and docs/benchmarks.md, 2026-11-29, `python -m
+    akv_runtime.bench --quick --versions 3,6,7` and `--case llama3-70b:...`): MHA (group 1)
+    is fastest on version 3 (versions 6 and 7 are 7-23 % slower at 8 x 16k). Version 7
+    (tensor cores for q·Kᵀ and p·V) is the fastest version at every GQA shape timed: groups
+    of 3 (SmolLM2, 8 x 2k: 0.024 ms against version 3's 0.030), 4 (Llama-3-8B, 8 x 16k:
+    0.218 against 0.266) and 8 (Llama-3-70B's shape, 8 x 16k: 0.278 against 0.493). Groups
+    2 and 5-7 run it too (GPU tests cover 2, 3, 4, 6, 7 and 8; no timing at 2, 5-7).
     """
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
-    return 6 if 2 <= group <= 4 else 3
+    return 3 if group == 1 else 7
 
 
 MAX_GROUP_V4 = 4
@@ -96,6 +97,14 @@ class CudaBackend:
             raise ValueError(f"$AKV_DECODE_VERSION: expected one of {DECODE_VERSIONS}, got "
                              f"{env!r}") from None
         self.set_decode_version(version)
+        env = os.environ.get("AKV_SPLIT_BLOCKS", "").strip()
+        try:
+            self.forced_split = int(env) if env else None
+            if self.forced_split is not None and self.forced_split < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"$AKV_SPLIT_BLOCKS: expected a positive number of blocks per "
+                             f"CTA, got {env!r}") from None
 
         layout = cache.layout
         self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}
@@ -138,10 +147,14 @@ class CudaBackend:
         self.decode_version = version
 
     def split_blocks(self, nblk: int, num_kv_heads: int, batch: int) -> int:
-        """Blocks per CTA: 1 for versions 1-2; for version 3 as many as keep about
-        TARGET_CTAS_PER_SM CTAs per multiprocessor busy, at most MAX_SPLIT_BLOCKS."""
+        """Blocks per CTA: 1 for versions 1-2; for versions >= 3 as many as keep about
+        TARGET_CTAS_PER_SM CTAs per multiprocessor busy, at most MAX_SPLIT_BLOCKS.
+        ``forced_split`` ($AKV_SPLIT_BLOCKS; tests and experiments) replaces that choice,
+        still at most MAX_SPLIT_BLOCKS."""
         if self.decode_version < 3:
             return 1
+        if self.forced_split is not None:
+            return min(MAX_SPLIT_BLOCKS, self.forced_split)
         target = self.dev.multiprocessors * TARGET_CTAS_PER_SM
         return max(1, min(MAX_SPLIT_BLOCKS, -(-nblk * num_kv_heads * batch // target)))
 

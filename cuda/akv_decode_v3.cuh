@@ -57,51 +57,35 @@ struct Planes {
 };
 
 // ------------------------------------------------------------------------------- scores
-// Grid (splits, Hk, B), 128 threads; split s covers blocks s*S .. s*S+S-1 of sequence b.
-// Lane mapping per block as in version 2.
-template <int D, int G, int STAGES>
-__device__ __forceinline__ void scores(
-    const __half* __restrict__ q, long long q_sb, long long q_sh,
-    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
-    const uint8_t* __restrict__ k_hi, const uint8_t* __restrict__ k_mid,
-    const uint8_t* __restrict__ k_lo, const uint8_t* __restrict__ k_exp, int num_kv_heads,
-    float scale, int full_mode, int t8, int t12, int split_blocks,
-    float* __restrict__ scores_out, float* __restrict__ block_max,
-    float* __restrict__ block_sum, int* __restrict__ block_arg,
-    unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map) {
-  constexpr int T = AKV_BLOCK_TOKENS, ROUNDS = D / 32, N = 16 * G, KEEP = N / 8;
-  __shared__ float s_q[G][D];
-  __shared__ int s_eq[G][D];
-  __shared__ uint8_t s_kexp[kMaxSplit][D];
-  __shared__ uint8_t s_tier[kMaxSplit][D];
-  __shared__ int s_phys[kMaxSplit];
-  __shared__ int s_amax[kMaxSplit][G];
-  __shared__ float s_part[4][4][N];
-  __shared__ float s_score[G][T];
-  // STAGES > 0: stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes in dynamic shared memory
-  constexpr bool STAGED = STAGES > 0;
-  constexpr int STAGE = 2 * D * T;
-
-  const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
-  const int lane = tid & 31, warp = tid >> 5;
-  const int n = lengths[b];
-  const int nblk = (n + T - 1) / T;
-  const int first = blockIdx.x * split_blocks;
-  if (first >= nblk) return;
-  const int count = min(split_blocks, nblk - first);
-  const long long qhead = (long long)b * num_kv_heads * G + (long long)h * G;
-
-  // prologue: q, the split's physical blocks and exponent maxima, then all its tiers
+// The scores kernels' prologue (versions 3-7): for a split of `count` blocks from block
+// `first` of sequence b, KV head h, hands each q value of the group to qstore(g, i, q_gi)
+// and fills s_eq (q's exponent fields, at least 1), s_phys (physical blocks), s_kexp (K
+// exponent maxima) and s_tier (each (block, channel) K tier; rule: DESIGN.md section 4,
+// docs/design.md). after_phys() runs once the physical blocks are known and before the
+// exponent maxima are read: the kernels issue the first block's hi plane there (tier 8 is
+// always read), so it travels with the exponent maxima instead of after the tiers
+// (docs/perf-notes.md). Adds the split's K bytes to `counters`. Ends synchronised.
+template <int D, int G, int MS, class QStore, class AfterPhys>
+__device__ __forceinline__ void score_prologue(
+    int b, int h, int n, int first, int count, const __half* __restrict__ q, long long q_sb,
+    long long q_sh, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ k_exp, int num_kv_heads, int full_mode, int t8, int t12,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map,
+    int (&s_eq)[G][D], uint8_t (&s_kexp)[MS][D], uint8_t (&s_tier)[MS][D],
+    int (&s_phys)[MS], int (&s_amax)[MS][G], QStore&& qstore, AfterPhys&& after_phys) {
+  constexpr int T = AKV_BLOCK_TOKENS;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int i = tid; i < D; i += 128) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const __half qh = q[b * q_sb + (long long)(h * G + g) * q_sh + i];
-      s_q[g][i] = __half2float(qh);
+      qstore(g, i, qh);
       s_eq[g][i] = max((__half_as_ushort(qh) >> 10) & 0x1F, 1);
     }
   }
   if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
   __syncthreads();
+  after_phys();
   for (int idx = tid; idx < count * D; idx += 128) {
     const int j = idx / D, i = idx % D;
     s_kexp[j][i] = k_exp[((long long)s_phys[j] * num_kv_heads + h) * D + i];
@@ -149,18 +133,60 @@ __device__ __forceinline__ void scores(
                 (unsigned long long)((min(n, (first + count) * T) - first * T) * D));
     }
   }
+}
+
+// Grid (splits, Hk, B), 128 threads; split s covers blocks s*S .. s*S+S-1 of sequence b.
+// Lane mapping per block as in version 2.
+template <int D, int G, int STAGES>
+__device__ __forceinline__ void scores(
+    const __half* __restrict__ q, long long q_sb, long long q_sh,
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ k_hi, const uint8_t* __restrict__ k_mid,
+    const uint8_t* __restrict__ k_lo, const uint8_t* __restrict__ k_exp, int num_kv_heads,
+    float scale, int full_mode, int t8, int t12, int split_blocks,
+    float* __restrict__ scores_out, float* __restrict__ block_max,
+    float* __restrict__ block_sum, int* __restrict__ block_arg,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map) {
+  constexpr int T = AKV_BLOCK_TOKENS, ROUNDS = D / 32, N = 16 * G, KEEP = N / 8;
+  __shared__ float s_q[G][D];
+  __shared__ int s_eq[G][D];
+  __shared__ uint8_t s_kexp[kMaxSplit][D];
+  __shared__ uint8_t s_tier[kMaxSplit][D];
+  __shared__ int s_phys[kMaxSplit];
+  __shared__ int s_amax[kMaxSplit][G];
+  __shared__ float s_part[4][4][N];
+  __shared__ float s_score[G][T];
+  // STAGES > 0: stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes in dynamic shared memory
+  constexpr bool STAGED = STAGES > 0;
+  constexpr int STAGE = 2 * D * T;
+
+  const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  const int nblk = (n + T - 1) / T;
+  const int first = blockIdx.x * split_blocks;
+  if (first >= nblk) return;
+  const int count = min(split_blocks, nblk - first);
+  const long long qhead = (long long)b * num_kv_heads * G + (long long)h * G;
 
   const int tq = lane & 3, cs = lane >> 2;
   Planes<ROUNDS> buf;
-  // register path: the planes of block j straight into buf
-  auto load = [&](int j) {
+  // register path: the planes of block j straight into buf; hi is read at every tier
+  auto load_hi = [&](int j) {
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      const long long row = head * D + r * 32 + warp * 8 + cs;
+      buf.hi[r] = *reinterpret_cast<const uint4*>(k_hi + row * T + 16 * tq);
+    }
+  };
+  auto load_rest = [&](int j) {
     const long long head = (long long)s_phys[j] * num_kv_heads + h;
 #pragma unroll
     for (int r = 0; r < ROUNDS; ++r) {
       const int c = r * 32 + warp * 8 + cs;
       const long long row = head * D + c;
       buf.tier[r] = s_tier[j][c];
-      buf.hi[r] = *reinterpret_cast<const uint4*>(k_hi + row * T + 16 * tq);
       buf.mid[r] = make_uint2(0u, 0u);
       buf.lo[r] = make_uint2(0u, 0u);
       if (buf.tier[r] >= 12)
@@ -169,6 +195,14 @@ __device__ __forceinline__ void scores(
         buf.lo[r] = *reinterpret_cast<const uint2*>(k_lo + row * (T / 2) + 8 * tq);
     }
   };
+  score_prologue<D, G, kMaxSplit>(
+      b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
+      full_mode, t8, t12, counters, k_tier_map, s_eq, s_kexp, s_tier, s_phys, s_amax,
+      [&](int g, int i, __half qh) { s_q[g][i] = __half2float(qh); },
+      [&] {
+        if constexpr (!STAGED) load_hi(0);
+      });
+
   // staged path: block j's rows (as its tiers ask) into stage j % 2, then stage -> buf
   auto issue = [&](int j) {
     const long long head = (long long)s_phys[j] * num_kv_heads + h;
@@ -209,7 +243,7 @@ __device__ __forceinline__ void scores(
       cp_async_commit();
     }
   } else {
-    load(0);
+    load_rest(0);                       // block 0's hi is in flight since the prologue
   }
   for (int j = 0; j < count; ++j) {
     const int blk = first + j;
@@ -238,7 +272,10 @@ __device__ __forceinline__ void scores(
       }
     }
     if constexpr (!STAGED) {
-      if (j + 1 < count) load(j + 1);   // in flight while this block is reduced
+      if (j + 1 < count) {              // in flight while this block is reduced
+        load_hi(j + 1);
+        load_rest(j + 1);
+      }
     }
     int base = 0;
     rs_step<N, N>(acc, 4, lane, base);
@@ -268,10 +305,114 @@ __device__ __forceinline__ void scores(
 }
 
 // ------------------------------------------------------------------------------- values
-// Grid (splits, Hk, B), 128 threads. Prologue: reference exponents r per (block, head), then
-// weights and tiers of all the split's tokens into shared memory. Main loop: two register
-// buffers, the next block's planes loaded before the current block is accumulated.
-// partial[b, hq, split, :] receives the split's sum.
+// The values kernels' prologue (versions 3 and 5-7): everything before the plane loads of a
+// split of `count` blocks from block `first` of sequence b, KV head h. Fills s_phys
+// (physical blocks), s_special (the block holds an exponent maximum of 31), s_tier (each
+// token's V tier, 0 = not read) and hands each token's softmax weights p[G] (of the group's
+// query heads, fp32, p = exp(s - m) / l) to emit(t, j, tier, p) for t in [0, count*T), block
+// j = t / T of the split. V tier rule: DESIGN.md section 4, docs/design.md. The global loads
+// go out in two dependent rounds, {O_est, block table, scores, softmax statistics} and then
+// {V exponent maxima}, so a CTA waits two memory round trips, not three, before its first
+// plane load (docs/perf-notes.md). Adds the split's V bytes to `counters`. Ends synchronised.
+template <int D, int G, int MS, class Emit>
+__device__ __forceinline__ void value_prologue(
+    int b, int h, int n, int first, int count, const int* __restrict__ block_table,
+    int blocks_per_seq, const uint8_t* __restrict__ v_exp, int num_kv_heads, int full_mode,
+    int t8, int t12, int skip, int bias, const float* __restrict__ scores_in,
+    const float* __restrict__ stats, const float* __restrict__ o_est,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map,
+    int (&s_eo)[G][D], uint8_t (&s_vexp)[MS][D], int (&s_phys)[MS], int (&s_r)[MS][G],
+    int (&s_special)[MS], uint8_t (&s_tier)[MS * AKV_BLOCK_TOKENS], Emit&& emit) {
+  constexpr int T = AKV_BLOCK_TOKENS, TPT = (MS * T + 127) / 128;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const long long qhead = ((long long)b * num_kv_heads + h) * G;
+  const long long srow = (long long)blocks_per_seq * T;
+  // round 1: the split's scores and the group's statistics into registers (used after the
+  // second round), O_est exponents and the physical blocks into shared memory
+  float sc[TPT][G], mx[G], sum[G];
+#pragma unroll
+  for (int i = 0; i < TPT; ++i) {
+    const int t = tid + 128 * i, tok = first * T + t;
+    const bool valid = t < count * T && tok < n;
+#pragma unroll
+    for (int g = 0; g < G; ++g) sc[i][g] = valid ? scores_in[(qhead + g) * srow + tok] : 0.f;
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    mx[g] = stats[(qhead + g) * 2];
+    sum[g] = stats[(qhead + g) * 2 + 1];
+  }
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int g = idx / D, d = idx % D;
+    s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
+  }
+  if (tid < count) {
+    s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
+    s_special[tid] = 0;
+  }
+  __syncthreads();
+  // round 2: the V exponent maxima of the split's blocks
+  for (int idx = tid; idx < count * D; idx += 128) {
+    const int j = idx / D, d = idx % D;
+    const int ev = v_exp[((long long)s_phys[j] * num_kv_heads + h) * D + d];
+    s_vexp[j][d] = ev;
+    if (ev == AKV_SPECIAL_EXPONENT) s_special[j] = 1;
+  }
+  __syncthreads();
+  for (int jg = warp; jg < count * G; jg += 4) {
+    const int j = jg / G, g = jg % G;
+    int r = 0x7fffffff;
+    for (int d = lane; d < D; d += 32) {
+      const int ev = s_vexp[j][d];
+      r = min(r, s_eo[g][d] - ((ev < 1 ? 1 : ev) - 15));
+    }
+    r = akv_warp_min_int(r);
+    if (lane == 0) s_r[j][g] = r + bias;
+  }
+  __syncthreads();
+  const int skip_at = skip + akv_skip_budget(n);
+#pragma unroll
+  for (int i = 0; i < TPT; ++i) {
+    const int t = tid + 128 * i;
+    if (t >= count * T) break;
+    const int j = t / T, tok = first * T + t;
+    const bool valid = tok < n;
+    int tier = 0;
+    float p[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      p[g] = valid ? expf(sc[i][g] - mx[g]) / sum[g] : 0.f;
+      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p[g]), skip_at, t8,
+                                           t12));
+    }
+    if (full_mode || s_special[j]) tier = 16;
+    if (!valid) tier = 0;
+    s_tier[t] = tier;
+    if (v_tier_map && valid)
+      v_tier_map[((long long)b * num_kv_heads + h) * srow + tok] = tier;
+    emit(t, j, tier, p);
+  }
+  __syncthreads();
+  if (counters && warp == 0) {
+    int n8 = 0, n12 = 0, n16 = 0;
+    for (int t = lane; t < count * T; t += 32) {
+      const int tr = s_tier[t];
+      n8 += tr > 0;
+      n12 += tr >= 12;
+      n16 += tr >= 16;
+    }
+    n8 = akv_warp_sum_int(n8);
+    n12 = akv_warp_sum_int(n12);
+    n16 = akv_warp_sum_int(n16);
+    if (lane == 0) {
+      atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
+      atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
+      atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
+      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
+    }
+  }
+}
+
 template <int D, int G, int STAGES>
 __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
@@ -310,73 +451,13 @@ __device__ __forceinline__ void values(
   const int count = min(split_blocks, nblk - first);
   const int num_q_heads = num_kv_heads * G;
   const long long qhead = (long long)b * num_q_heads + (long long)h * G;
-
-  for (int idx = tid; idx < G * D; idx += 128) {
-    const int g = idx / D, d = idx % D;
-    s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
-  }
-  if (tid < count) {
-    s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
-    s_special[tid] = 0;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < count * D; idx += 128) {
-    const int j = idx / D, d = idx % D;
-    const int ev = v_exp[((long long)s_phys[j] * num_kv_heads + h) * D + d];
-    s_vexp[j][d] = ev;
-    if (ev == AKV_SPECIAL_EXPONENT) s_special[j] = 1;
-  }
-  __syncthreads();
-  for (int jg = warp; jg < count * G; jg += 4) {
-    const int j = jg / G, g = jg % G;
-    int r = 0x7fffffff;
-    for (int d = lane; d < D; d += 32) {
-      const int ev = s_vexp[j][d];
-      r = min(r, s_eo[g][d] - ((ev < 1 ? 1 : ev) - 15));
-    }
-    r = akv_warp_min_int(r);
-    if (lane == 0) s_r[j][g] = r + bias;
-  }
-  __syncthreads();
-  for (int t = tid; t < count * T; t += 128) {
-    const int j = t / T, tok = first * T + t;
-    const bool valid = tok < n;
-    int tier = 0;
+  value_prologue<D, G, kMaxSplit>(
+      b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
+      t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_vexp, s_phys,
+      s_r, s_special, s_tier, [&](int t, int, int, const float* p) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float p = 0.f;
-      if (valid) {
-        const float s = scores_in[(qhead + g) * ((long long)blocks_per_seq * T) + tok];
-        p = expf(s - stats[(qhead + g) * 2]) / stats[(qhead + g) * 2 + 1];
-      }
-      s_p[g][t] = p;
-      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p),
-                                           skip + akv_skip_budget(n), t8, t12));
-    }
-    if (full_mode || s_special[j]) tier = 16;
-    s_tier[t] = valid ? tier : 0;
-    if (v_tier_map && valid)
-      v_tier_map[((long long)b * num_kv_heads + h) * ((long long)blocks_per_seq * T) + tok] = tier;
-  }
-  __syncthreads();
-  if (counters && warp == 0) {
-    int n8 = 0, n12 = 0, n16 = 0;
-    for (int t = lane; t < count * T; t += 32) {
-      const int tr = s_tier[t];
-      n8 += tr > 0;
-      n12 += tr >= 12;
-      n16 += tr >= 16;
-    }
-    n8 = akv_warp_sum_int(n8);
-    n12 = akv_warp_sum_int(n12);
-    n16 = akv_warp_sum_int(n16);
-    if (lane == 0) {
-      atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
-      atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
-      atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
-      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
-    }
-  }
+        for (int g = 0; g < G; ++g) s_p[g][t] = p[g];
+      });
 
   const int cs = lane % SLICES, tw = lane / SLICES;
   auto load = [&](Planes<ROUNDS>& p, int j) {

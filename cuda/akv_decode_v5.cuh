@@ -153,88 +153,26 @@ __device__ __forceinline__ void values(
   const int num_q_heads = num_kv_heads * G;
   const long long qhead = (long long)b * num_q_heads + (long long)h * G;
 
-  for (int idx = tid; idx < G * D; idx += 128) {
-    const int g = idx / D, d = idx % D;
-    s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
-  }
-  if (tid < count) {
-    s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
-    s_special[tid] = 0;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < count * D; idx += 128) {
-    const int j = idx / D, d = idx % D;
-    const int ev = v_exp[((long long)s_phys[j] * num_kv_heads + h) * D + d];
-    s_vexp[j][d] = ev;
-    if (ev == AKV_SPECIAL_EXPONENT) s_special[j] = 1;
-  }
-  __syncthreads();
-  for (int jg = warp; jg < count * G; jg += 4) {
-    const int j = jg / G, g = jg % G;
-    int r = 0x7fffffff;
-    for (int d = lane; d < D; d += 32) {
-      const int ev = s_vexp[j][d];
-      r = min(r, s_eo[g][d] - ((ev < 1 ? 1 : ev) - 15));
-    }
-    r = akv_warp_min_int(r);
-    if (lane == 0) s_r[j][g] = r + bias;
-  }
-  __syncthreads();
-  const int skip_at = skip + akv_skip_budget(n);
-  for (int t = tid; t < count * T; t += 128) {
-    const int j = t / T, tok = first * T + t;
-    const bool valid = tok < n;
-    int tier = 0;
-    float p[G];
+  akv3::value_prologue<D, G, kMaxSplit>(
+      b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
+      t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_vexp, s_phys,
+      s_r, s_special, s_tier, [&](int t, int j, int tier, const float* p) {
+        // the weights as two fp16 columns per head (reference.mma_weight_terms)
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      p[g] = 0.f;
-      if (valid) {
-        const float s = scores_in[(qhead + g) * ((long long)blocks_per_seq * T) + tok];
-        p[g] = expf(s - stats[(qhead + g) * 2]) / stats[(qhead + g) * 2 + 1];
-      }
-      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p[g]), skip_at, t8,
-                                           t12));
-    }
-    if (full_mode || s_special[j]) tier = 16;
-    if (!valid) tier = 0;
-    s_tier[t] = tier;
-    if (v_tier_map && valid)
-      v_tier_map[((long long)b * num_kv_heads + h) * ((long long)blocks_per_seq * T) + tok] = tier;
+        for (int g = 0; g < G; ++g) {
+          __half hi = __float2half_rz(0.f), lo = hi;
+          if (tier > 0) {
+            const float x = p[g] * 1024.f;
+            hi = __float2half_rz(x);
+            lo = __float2half_rn(x - __half2float(hi));
+            if (s_special[j] && x > 0.f && __half_as_ushort(lo) == 0) lo = __ushort_as_half(1);
+          }
+          s_ph[2 * g][t] = hi;
+          s_ph[2 * g + 1][t] = lo;
+        }
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      __half hi = __float2half_rz(0.f), lo = hi;
-      if (tier > 0) {
-        const float x = p[g] * 1024.f;
-        hi = __float2half_rz(x);
-        lo = __float2half_rn(x - __half2float(hi));
-        if (s_special[j] && x > 0.f && __half_as_ushort(lo) == 0) lo = __ushort_as_half(1);
-      }
-      s_ph[2 * g][t] = hi;
-      s_ph[2 * g + 1][t] = lo;
-    }
-#pragma unroll
-    for (int c = 2 * G; c < NCOL; ++c) s_ph[c][t] = __ushort_as_half(0);
-  }
-  __syncthreads();
-  if (counters && warp == 0) {
-    int n8 = 0, n12 = 0, n16 = 0;
-    for (int t = lane; t < count * T; t += 32) {
-      const int tr = s_tier[t];
-      n8 += tr > 0;
-      n12 += tr >= 12;
-      n16 += tr >= 16;
-    }
-    n8 = akv_warp_sum_int(n8);
-    n12 = akv_warp_sum_int(n12);
-    n16 = akv_warp_sum_int(n16);
-    if (lane == 0) {
-      atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
-      atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
-      atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
-      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
-    }
-  }
+        for (int c = 2 * G; c < NCOL; ++c) s_ph[c][t] = __ushort_as_half(0);
+      });
 
   const int g8 = lane >> 2, tq = lane & 3;
   const int tok0 = (warp / WS) * 16 * WS + 4 * tq;       // the lane's first row of a block

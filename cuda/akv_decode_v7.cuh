@@ -59,67 +59,43 @@ __device__ __forceinline__ void scores(
   const int count = min(split_blocks, nblk - first);
   const long long qhead = (long long)b * num_kv_heads * G + (long long)h * G;
 
-  // prologue (version 3's): q, the split's physical blocks and exponent maxima, its tiers
-  for (int i = tid; i < D; i += 128) {
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const __half qh = q[b * q_sb + (long long)(h * G + g) * q_sh + i];
-      s_qh[g][i] = qh;
-      s_eq[g][i] = max((__half_as_ushort(qh) >> 10) & 0x1F, 1);
-    }
-  }
-  if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
-  __syncthreads();
-  for (int idx = tid; idx < count * D; idx += 128) {
-    const int j = idx / D, i = idx % D;
-    s_kexp[j][i] = k_exp[((long long)s_phys[j] * num_kv_heads + h) * D + i];
-  }
-  __syncthreads();
-  for (int jg = warp; jg < count * G; jg += 4) {
-    const int j = jg / G, g = jg % G;
-    int m = 0;
-    for (int i = lane; i < D; i += 32) m = max(m, s_eq[g][i] + s_kexp[j][i]);
-    m = akv_warp_max_int(m);
-    if (lane == 0) s_amax[j][g] = m;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < count * D; idx += 128) {
-    const int j = idx / D, i = idx % D;
-    const int ek = s_kexp[j][i];
-    int tier = 8;
-    if (full_mode || ek == AKV_SPECIAL_EXPONENT) {
-      tier = 16;
-    } else {
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-        tier = max(tier, akv_tier_from_gap(s_amax[j][g] - (s_eq[g][i] + ek), t8, t12));
-    }
-    s_tier[j][i] = tier;
-    if (k_tier_map)
-      k_tier_map[(((long long)b * num_kv_heads + h) * blocks_per_seq + first + j) * D + i] = tier;
-  }
-  __syncthreads();
-  if (counters && warp == 0) {
-    int n12 = 0, n16 = 0;
-    for (int idx = lane; idx < count * D; idx += 32) {
-      const int tr = s_tier[idx / D][idx % D];
-      n12 += tr >= 12;
-      n16 += tr >= 16;
-    }
-    n12 = akv_warp_sum_int(n12);
-    n16 = akv_warp_sum_int(n16);
-    if (lane == 0) {
-      atomicAdd(&counters[AKV_K_HI], (unsigned long long)(T * D * count));
-      atomicAdd(&counters[AKV_K_MID], (unsigned long long)(T / 2 * n12));
-      atomicAdd(&counters[AKV_K_LO], (unsigned long long)(T / 2 * n16));
-      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
-      atomicAdd(&counters[AKV_VALUES],
-                (unsigned long long)((min(n, (first + count) * T) - first * T) * D));
-    }
-  }
-
   const int g8 = lane >> 2, tq = lane & 3;
   const int cbase = warp * (D / 4) + 4 * tq;               // + 16 ks + i: the lane's channels
+  // a lane's planes of one block: 4 channels per k-step, tokens 8g8 .. 8g8+7
+  uint2 hi[KSW][4];
+  uint32_t mid[KSW][4], lo[KSW][4];
+  int tier[KSW][4];
+  auto load_hi = [&](int j) {         // read at every tier
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+#pragma unroll
+    for (int ks = 0; ks < KSW; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const long long row = head * D + cbase + 16 * ks + i;
+        hi[ks][i] = *reinterpret_cast<const uint2*>(k_hi + row * T + 8 * g8);
+      }
+  };
+  auto load_rest = [&](int j) {
+    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+#pragma unroll
+    for (int ks = 0; ks < KSW; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = cbase + 16 * ks + i;
+        const long long row = head * D + c;
+        tier[ks][i] = s_tier[j][c];
+        mid[ks][i] = 0u;
+        lo[ks][i] = 0u;
+        if (tier[ks][i] >= 12)
+          mid[ks][i] = *reinterpret_cast<const uint32_t*>(k_mid + row * (T / 2) + 4 * g8);
+        if (tier[ks][i] >= 16)
+          lo[ks][i] = *reinterpret_cast<const uint32_t*>(k_lo + row * (T / 2) + 4 * g8);
+      }
+  };
+  akv3::score_prologue<D, G, kMaxSplit>(
+      b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
+      full_mode, t8, t12, counters, k_tier_map, s_eq, s_kexp, s_tier, s_phys, s_amax,
+      [&](int g, int i, __half qh) { s_qh[g][i] = qh; }, [&] { load_hi(0); });
   // B fragments (qᵀ), fixed for the CTA: head g8 (zero past G), channel pairs of each k-step
   uint32_t bq[KSW][2];
 #pragma unroll
@@ -135,29 +111,7 @@ __device__ __forceinline__ void scores(
       bq[ks][r] = v;
     }
   }
-  // a lane's planes of one block: 4 channels per k-step, tokens 8g8 .. 8g8+7
-  uint2 hi[KSW][4];
-  uint32_t mid[KSW][4], lo[KSW][4];
-  int tier[KSW][4];
-  auto load = [&](int j) {
-    const long long head = (long long)s_phys[j] * num_kv_heads + h;
-#pragma unroll
-    for (int ks = 0; ks < KSW; ++ks)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = cbase + 16 * ks + i;
-        const long long row = head * D + c;
-        tier[ks][i] = s_tier[j][c];
-        hi[ks][i] = *reinterpret_cast<const uint2*>(k_hi + row * T + 8 * g8);
-        mid[ks][i] = 0u;
-        lo[ks][i] = 0u;
-        if (tier[ks][i] >= 12)
-          mid[ks][i] = *reinterpret_cast<const uint32_t*>(k_mid + row * (T / 2) + 4 * g8);
-        if (tier[ks][i] >= 16)
-          lo[ks][i] = *reinterpret_cast<const uint32_t*>(k_lo + row * (T / 2) + 4 * g8);
-      }
-  };
-  load(0);
+  load_rest(0);                        // block 0's hi is in flight since the prologue
   for (int j = 0; j < count; ++j) {
     const int blk = first + j;
     float acc[4][4];
@@ -183,7 +137,10 @@ __device__ __forceinline__ void scores(
         mma16816(acc[mt], a0, a1, a2, a3, bq[ks][0], bq[ks][1]);
       }
     }
-    if (j + 1 < count) load(j + 1);    // in flight while this block is reduced
+    if (j + 1 < count) {               // in flight while this block is reduced
+      load_hi(j + 1);
+      load_rest(j + 1);
+    }
     // this warp's quarter-channel sums: heads 2tq, 2tq+1 of tokens 8g8+2mt, +1
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {

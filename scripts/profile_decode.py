@@ -1,16 +1,31 @@
-"""Run decode attention a few times at one shape, for a profiler (ncu) to look at.
+"""Run decode attention at one shape, for a profiler (ncu) to look at, and time it.
 
 python scripts/profile_decode.py [--shape llama2-7b] [--batch 8] [--context 16384] [--version 3]
-                                 [--rule seed]
+                                 [--rule seed] [--reps 0] [--l2-fetch BYTES]
+
+--reps N times N calls with CUDA events (after 3 untimed ones) and prints the median ms and
+the bytes the kernels counted (a second, counting call), so an ncu run's DRAM bytes can be
+set against them. --l2-fetch sets the context's CU_LIMIT_MAX_L2_FETCH_GRANULARITY (a hint
+to the driver: 0-128 bytes) before anything runs, and prints what the driver kept.
 """
 import argparse
+import statistics
 
 import torch
 
-from akv_runtime import workload
+from akv_runtime import driver, workload
 from akv_runtime.bench import SHAPES
 from akv_runtime.cache import AlignedKVCache
 from akv_runtime.reference import named_rule
+
+
+def l2_fetch(nbytes: int | None) -> int:
+    """Set (unless None) and return the context's L2 fetch granularity limit, in bytes."""
+    cu = driver._cu
+    limit = cu.CUlimit.CU_LIMIT_MAX_L2_FETCH_GRANULARITY
+    if nbytes is not None:
+        driver.check(cu.cuCtxSetLimit(limit, nbytes), "cuCtxSetLimit")
+    return int(driver.check(cu.cuCtxGetLimit(limit), "cuCtxGetLimit"))
 
 
 def main():
@@ -21,12 +36,15 @@ def main():
     parser.add_argument("--version", type=int, default=3)
     parser.add_argument("--mode", default="aligned")
     parser.add_argument("--rule", default="seed", help="named rule (reference.RULES)")
+    parser.add_argument("--reps", type=int, default=0)
+    parser.add_argument("--l2-fetch", type=int, default=None)
     args = parser.parse_args()
     Hq, Hk, D = SHAPES[args.shape]
     rng = torch.Generator(device="cuda")
     rng.manual_seed(0)
     cache = AlignedKVCache(1, Hk, D, args.context, num_query_heads=Hq, batch_size=args.batch,
                            backend="cuda", rule=named_rule(args.rule))
+    print("L2 fetch granularity limit:", l2_fetch(args.l2_fetch), "bytes")
     cache._backend.set_decode_version(args.version)
     k, v = workload.synthetic_kv(rng, args.batch, Hk, args.context, D, 0.5)
     q = workload.synthetic_q(rng, args.batch, Hq, D, 0.5, num_kv_heads=Hk)
@@ -35,6 +53,23 @@ def main():
     for _ in range(3):
         cache.attend(0, q, mode=args.mode, out=out)
     torch.cuda.synchronize()
+    if args.reps > 0:
+        times = []
+        for _ in range(args.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            cache.attend(0, q, mode=args.mode, out=out)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        cache.reset_counters()
+        cache.attend(0, q, mode=args.mode, out=out, count=True)
+        counted = cache.counters()
+        total = sum(v for n, v in counted.items() if n != "bits_per_value")
+        print(f"{args.shape} B={args.batch} ctx={args.context} v{args.version} {args.rule}: "
+              f"median {statistics.median(times):.4f} ms, counted {total / 1e6:.1f} MB "
+              f"{counted['bits_per_value']}")
+        print("  counters (bytes):", {n: c for n, c in counted.items() if n != "bits_per_value"})
     print("done", cache.device)
 
 

@@ -57,3 +57,13 @@ def test_unwritable_json_path_is_refused_first(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--quick", "--json", str(afile / "x.json")])
     assert exc.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_group_8_shape_is_a_case_not_part_of_the_grid():
+    """llama3-70b (64 query heads over 8 KV heads) is timed with --case only; the full grid
+    keeps issue 4's three shapes, every one at batch 1, 8, 32 and at 1 x 128k."""
+    assert bench.SHAPES["llama3-70b"] == (64, 8, 128)
+    grid = bench.full_grid()
+    assert {s for s, _, _ in grid} == set(bench.GRID_SHAPES) == {
+        "llama2-7b", "llama3-8b", "smollm2-135m"}
+    assert len(grid) == 3 * (3 * 3 + 1)

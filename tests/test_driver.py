@@ -146,8 +146,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     cache = AlignedKVCache(L, Hk, D, 300, num_query_heads=Hq, batch_size=B, backend="cuda")
     backend = cache._backend
     assert cache.device.startswith("Fake GPU (compute capability 9.0, cubin sm_90)")
-    # a GQA cache (group 3) starts on the tensor-core values kernels of version 6
-    assert backend.decode_version == 6 == default_decode_version(3)
+    # a GQA cache (group 3) starts on the tensor-core kernels of version 7
+    assert backend.decode_version == 7 == default_decode_version(3)
     # buffers: one per plane set, zero-filled, the block table uploaded
     table = backend.ws["block_table"].to_numpy()
     assert np.array_equal(table, cache.block_table)
@@ -241,6 +241,6 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
 
 
 def test_default_decode_version_by_group():
-    assert [default_decode_version(g) for g in range(1, 9)] == [3, 6, 6, 6, 3, 3, 3, 3]
+    assert [default_decode_version(g) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
     with pytest.raises(ValueError, match="group"):
         default_decode_version(0)
