@@ -7,6 +7,13 @@ python scripts/profile_decode.py [--shape llama2-7b] [--batch 8] [--context 1638
 the bytes the kernels counted (a second, counting call), so an ncu run's DRAM bytes can be
 set against them. --l2-fetch sets the context's CU_LIMIT_MAX_L2_FETCH_GRANULARITY (a hint
 to the driver: 0-128 bytes) before anything runs, and prints what the driver kept.
+
+DRAM bytes against counted bytes (docs/perf-notes.md, 2026-11-29 night):
+
+    ncu --clock-control none --metrics dram__bytes_read.sum,gpu__time_duration.sum,\
+lts__t_sectors_srcunit_tex_op_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+        -k regex:"akv_decode_(scores|values)" --launch-skip 2 --launch-count 2 \
+        python scripts/profile_decode.py --reps 1
 """
 import argparse
 import statistics
