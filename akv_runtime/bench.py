@@ -4,8 +4,11 @@ Times, in one run on the same data, torch SDPA (cuDNN and flash backends), plain
 attention, our ``full`` mode and our ``aligned`` mode, plus a device-to-device copy for the
 bandwidth ceiling; reports ms (median of CUDA-graph replays), the speed-up against cuDNN, the
 bytes our kernels read (their own counters), bits per value, effective bandwidth and its
-fraction of the copy bandwidth. Buffers rotate over several layers so repeated runs do not
-measure the 60 MB L2. Prints a short table last and writes JSON.
+fraction of the copy bandwidth. Buffers rotate over up to 8 layers so that repeated calls
+read four times the L2 (60 MB) where 8 layers suffice; the smallest shapes (SmolLM2 at 1 x 4k:
+8 x 3 MB) stay partly L2-resident, for every column alike. Prints a short table last and
+writes JSON. The kernel versions timed are --versions plus each shape's default;
+$AKV_DECODE_VERSION is ignored, $AKV_SPLIT_BLOCKS applies (recorded in the JSON).
 
 K/V and q: drawn from SmolLM2-measured per-channel statistics
 (:func:`akv_runtime.workload.synthetic_kv`, docs/workload.md), labelled so in the output;
@@ -20,6 +23,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
 SHAPES = {
@@ -304,6 +308,12 @@ def main(argv=None) -> int:
     rule = named_rule(args.rule)
     # every argument is checked before the GPU is looked for
     grid, versions = _grid_and_versions(parser, args)
+    from .kernels import env_decode_version, env_split_blocks
+    try:
+        env_decode_version()        # ignored here (--versions decides), but a cache refuses
+        forced_split = env_split_blocks()      # a bad value: refuse it now, not mid-run
+    except ValueError as exc:
+        parser.error(str(exc))
     from .cli import output_path_problem
     problem = output_path_problem(args.json) if args.json else None
     if problem:
@@ -330,9 +340,10 @@ def main(argv=None) -> int:
               flush=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "copy_bandwidth_Bps": copy_bw, "rule": rule.name,
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "date": time.strftime("%Y-%m-%d"), "forced_split_blocks": forced_split,
+              "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
+        with open(Path(args.json).expanduser(), "w") as f:
             json.dump(report, f, indent=1, default=float)
     print(format_table(rows, copy_bw))
     return 0

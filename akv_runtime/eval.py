@@ -967,7 +967,7 @@ def write_plot(result: dict, path) -> Path:
     fig.suptitle(f"{result['kv_source']}; rule {result['rule']}; {result['machine']}",
                  fontsize=9)
     fig.tight_layout()
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix.lower() != ".png":
         path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1169,7 +1169,7 @@ def main(argv=None) -> int:
         return 1
     print(format_report(result))
     if args.json:
-        path = Path(args.json)
+        path = Path(args.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=json_default) + "\n")
         print(f"wrote {path}")

@@ -39,14 +39,52 @@ def default_decode_version(group: int) -> int:
     Measured on the H200 (docs/perf-notes.md and docs/benchmarks.md, 2026-11-29, `python -m
     akv_runtime.bench --quick --versions 3,6,7` and `--case llama3-70b:...`): MHA (group 1)
     is fastest on version 3 (versions 6 and 7 are 7-23 % slower at 8 x 16k). Version 7
-    (tensor cores for q·Kᵀ and p·V) is the fastest version at every GQA shape timed: groups
-    of 3 (SmolLM2, 8 x 2k: 0.024 ms against version 3's 0.030), 4 (Llama-3-8B, 8 x 16k:
-    0.218 against 0.266) and 8 (Llama-3-70B's shape, 8 x 16k: 0.278 against 0.493). Groups
-    2 and 5-7 run it too (GPU tests cover 2, 3, 4, 6, 7 and 8; no timing at 2, 5-7).
+    (tensor cores for q·Kᵀ and p·V) is the fastest version at every GQA shape timed at
+    batch >= 8, in the same runs: groups of 3 (SmolLM2, 8 x 2k: 0.024 ms against version 3's
+    0.030), 4 (Llama-3-8B, 8 x 16k: 0.218 against 0.266) and 8 (Llama-3-70B's shape,
+    8 x 16k: 0.278 against 0.493); at batch 1 it ties or wins (SmolLM2 1 x 4k: 0.0186
+    against 0.0183). Groups 2 and 5-7 run it too (GPU tests cover 2, 3, 4, 6, 7 and 8; no
+    timing at 2, 5-7).
     """
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
     return 3 if group == 1 else 7
+
+
+def env_decode_version() -> int | None:
+    """$AKV_DECODE_VERSION: the decode kernel version every new CUDA cache runs (benchmarks,
+    tests), or None when unset or empty.
+
+    Raises ValueError naming the variable unless it is one of DECODE_VERSIONS."""
+    env = os.environ.get("AKV_DECODE_VERSION", "").strip()
+    if not env:
+        return None
+    try:
+        version = int(env)
+    except ValueError:
+        version = None
+    if version not in DECODE_VERSIONS:
+        raise ValueError(f"$AKV_DECODE_VERSION: expected one of {DECODE_VERSIONS}, got "
+                         f"{env!r}")
+    return version
+
+
+def env_split_blocks() -> int | None:
+    """$AKV_SPLIT_BLOCKS: blocks per CTA for decode versions >= 3 instead of the automatic
+    choice (tests and experiments), or None when unset or empty.
+
+    Raises ValueError naming the variable unless it is 1..MAX_SPLIT_BLOCKS."""
+    env = os.environ.get("AKV_SPLIT_BLOCKS", "").strip()
+    if not env:
+        return None
+    try:
+        blocks = int(env)
+    except ValueError:
+        blocks = 0
+    if not 1 <= blocks <= MAX_SPLIT_BLOCKS:
+        raise ValueError(f"$AKV_SPLIT_BLOCKS: expected 1..{MAX_SPLIT_BLOCKS} blocks per CTA, "
+                         f"got {env!r}")
+    return blocks
 
 
 MAX_GROUP_V4 = 4
@@ -90,21 +128,10 @@ class CudaBackend:
         self.k_combine = fn("akv_decode_combine")
         group = cache.num_query_heads // cache.num_kv_heads
         self.default_decode_version = default_decode_version(group)
-        env = os.environ.get("AKV_DECODE_VERSION", "").strip()
-        try:
-            version = int(env) if env else self.default_decode_version
-        except ValueError:
-            raise ValueError(f"$AKV_DECODE_VERSION: expected one of {DECODE_VERSIONS}, got "
-                             f"{env!r}") from None
-        self.set_decode_version(version)
-        env = os.environ.get("AKV_SPLIT_BLOCKS", "").strip()
-        try:
-            self.forced_split = int(env) if env else None
-            if self.forced_split is not None and self.forced_split < 1:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"$AKV_SPLIT_BLOCKS: expected a positive number of blocks per "
-                             f"CTA, got {env!r}") from None
+        env_version = env_decode_version()
+        self.set_decode_version(self.default_decode_version if env_version is None
+                                else env_version)
+        self.forced_split = env_split_blocks()
 
         layout = cache.layout
         self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}

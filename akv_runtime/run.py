@@ -390,7 +390,7 @@ def write_plot(result: dict, path) -> Path:
     ax.set_ylim(0, max(22.0, max(per["k"] + per["v"]) + 5))
     ax.legend(fontsize=8, loc="upper center", ncol=2 if width < 10 else 4, frameon=False)
     fig.tight_layout()
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix.lower() != ".png":   # matplotlib would add ".png" itself; say so truly
         path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -510,7 +510,7 @@ def main(argv=None) -> int:
     print(format_report(result))
     json_path = args.json or config.output.json
     if json_path:
-        path = Path(json_path)
+        path = Path(json_path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=json_default) + "\n")
         print(f"wrote {path}")

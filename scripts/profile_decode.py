@@ -6,7 +6,8 @@ python scripts/profile_decode.py [--shape llama2-7b] [--batch 8] [--context 1638
 --reps N times N calls with CUDA events (after 3 untimed ones) and prints the median ms and
 the bytes the kernels counted (a second, counting call), so an ncu run's DRAM bytes can be
 set against them. --l2-fetch sets the context's CU_LIMIT_MAX_L2_FETCH_GRANULARITY (a hint
-to the driver: 0-128 bytes) before anything runs, and prints what the driver kept.
+to the driver: 0-128 bytes) before any kernel runs, and prints what the driver kept.
+--version defaults to the shape's default (kernels.default_decode_version).
 
 DRAM bytes against counted bytes (docs/perf-notes.md, 2026-11-29 night):
 
@@ -36,11 +37,12 @@ def l2_fetch(nbytes: int | None) -> int:
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama2-7b", choices=list(SHAPES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=16384)
-    parser.add_argument("--version", type=int, default=3)
+    parser.add_argument("--version", type=int, default=None)
     parser.add_argument("--mode", default="aligned")
     parser.add_argument("--rule", default="seed", help="named rule (reference.RULES)")
     parser.add_argument("--reps", type=int, default=0)
@@ -52,7 +54,8 @@ def main():
     cache = AlignedKVCache(1, Hk, D, args.context, num_query_heads=Hq, batch_size=args.batch,
                            backend="cuda", rule=named_rule(args.rule))
     print("L2 fetch granularity limit:", l2_fetch(args.l2_fetch), "bytes")
-    cache._backend.set_decode_version(args.version)
+    if args.version is not None:
+        cache._backend.set_decode_version(args.version)
     k, v = workload.synthetic_kv(rng, args.batch, Hk, args.context, D, 0.5)
     q = workload.synthetic_q(rng, args.batch, Hq, D, 0.5, num_kv_heads=Hk)
     cache.append(0, k, v)
@@ -73,7 +76,8 @@ def main():
         cache.attend(0, q, mode=args.mode, out=out, count=True)
         counted = cache.counters()
         total = sum(v for n, v in counted.items() if n != "bits_per_value")
-        print(f"{args.shape} B={args.batch} ctx={args.context} v{args.version} {args.rule}: "
+        version = cache._backend.decode_version
+        print(f"{args.shape} B={args.batch} ctx={args.context} v{version} {args.rule}: "
               f"median {statistics.median(times):.4f} ms, counted {total / 1e6:.1f} MB "
               f"{counted['bits_per_value']}")
         print("  counters (bytes):", {n: c for n, c in counted.items() if n != "bits_per_value"})

@@ -67,3 +67,14 @@ def test_group_8_shape_is_a_case_not_part_of_the_grid():
     assert {s for s, _, _ in grid} == set(bench.GRID_SHAPES) == {
         "llama2-7b", "llama3-8b", "smollm2-135m"}
     assert len(grid) == 3 * (3 * 3 + 1)
+
+
+@pytest.mark.parametrize("name,value", [("AKV_SPLIT_BLOCKS", "0"),
+                                        ("AKV_DECODE_VERSION", "nine")])
+def test_bad_environment_is_a_usage_error_before_the_gpu_check(name, value, monkeypatch,
+                                                               capsys):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--case", "llama2-7b:1:64"])
+    assert exc.value.code == 2
+    assert f"${name}" in capsys.readouterr().err

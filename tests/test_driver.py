@@ -244,3 +244,28 @@ def test_default_decode_version_by_group():
     assert [default_decode_version(g) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
     with pytest.raises(ValueError, match="group"):
         default_decode_version(0)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("AKV_DECODE_VERSION", "abc", r"\$AKV_DECODE_VERSION: expected one of .*'abc'"),
+    ("AKV_DECODE_VERSION", "9", r"\$AKV_DECODE_VERSION: expected one of .*'9'"),
+    ("AKV_DECODE_VERSION", "0", r"\$AKV_DECODE_VERSION"),
+    ("AKV_SPLIT_BLOCKS", "0", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'0'"),
+    ("AKV_SPLIT_BLOCKS", "9", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'9'"),
+    ("AKV_SPLIT_BLOCKS", "x", r"\$AKV_SPLIT_BLOCKS"),
+])
+def test_bad_environment_variables_are_named(fake, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        AlignedKVCache(1, 2, 64, 128, backend="cuda")
+    # the numpy backend has no kernel versions or splits: it ignores both
+    AlignedKVCache(1, 2, 64, 128, backend="numpy").close()
+
+
+def test_environment_variables_pick_version_and_split(fake, monkeypatch):
+    monkeypatch.setenv("AKV_DECODE_VERSION", " 5 ")
+    monkeypatch.setenv("AKV_SPLIT_BLOCKS", "3")
+    cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
+    assert cache._backend.decode_version == 5
+    assert cache._backend.split_blocks(100, 4, 1) == 3
+    cache.close()

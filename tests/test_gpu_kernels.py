@@ -135,8 +135,8 @@ SKIPPING = R.AlignmentRule(name="skip-test", v_skip=8)    # aggressive: with the
 @pytest.mark.parametrize("split", [None, 3, 8], ids=["auto", "split3", "split8"])
 def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, split):
     """Kernel tiers, statistics, counters and output against the reference. At these sizes
-    the automatic split is one block per CTA; ``split`` forces CTAs over 3 or 8 blocks (the
-    benchmark shapes' split), with a partial last split."""
+    the automatic split is one block per CTA; ``split`` forces CTAs over 3 or 8 blocks (8: the
+    split of the large benchmark shapes), with a partial last split."""
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
     gpu._backend.forced_split = split
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
