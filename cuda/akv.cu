@@ -258,7 +258,8 @@ AKV_SCORES_ENTRY(128)
 
 // -------------------------------------------------------------------- decode: estimate
 // akv_decode_estimate: grid (Hq, B); block 256 threads. For one query head:
-//  1. m = max of the block maxima, l = sum_j block_sum_j * exp(block_max_j - m) (fixed order).
+//  1. m = max of the block maxima, l = sum_j block_sum_j * exp(block_max_j - m), in one pass
+//     (online rescaling, then a fixed merge order over lanes and warps).
 //  2. The approximate top-k: the `topk` blocks with the largest block maximum (ties to the
 //     lower block, reference.estimate_blocks). Each block's rank (how many blocks come
 //     before it in that order) is counted in parallel; rank r < topk is selection slot r.
@@ -277,7 +278,7 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
     const int* __restrict__ block_arg, float* __restrict__ stats, float* __restrict__ o_est,
     unsigned long long* __restrict__ counters) {
   __shared__ float s_bmax[kEstimateSmemBlocks];
-  __shared__ float s_fred[kEstimateThreads / 32];
+  __shared__ float s_fred[kEstimateThreads / 32], s_lred[kEstimateThreads / 32];
   __shared__ int s_sel[kMaxTopk];
   __shared__ float s_p[kMaxTopk];
   __shared__ long long s_row[kMaxTopk];
@@ -293,40 +294,48 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   const bool on_chip = nblk <= kEstimateSmemBlocks;
   const float* bmax = on_chip ? s_bmax : block_max + row;
 
-  // 1. global max and sum
-  float m = -INFINITY;
+  // 1. global max and sum in one pass over the block statistics: each thread keeps a running
+  //    (max, sum) rescaled as its max grows (online softmax), then the pairs merge across
+  //    lanes and warps. A block whose maximum is -inf (no finite score) adds nothing.
+  float m = -INFINITY, l = 0.f;
   for (int j = tid; j < nblk; j += kEstimateThreads) {
-    const float v = block_max[row + j];
+    const float v = block_max[row + j], e = block_sum[row + j];
     if (on_chip) s_bmax[j] = v;
-    m = fmaxf(m, v);
+    if (v == -INFINITY) continue;
+    if (v > m) {
+      l = l * expf(m - v) + e;          // m = -inf at first: 0 * 0
+      m = v;
+    } else {
+      l += e * expf(v - m);
+    }
   }
-  m = akv_warp_max(m);
-  if (lane == 0) s_fred[warp] = m;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+    const float mm = fmaxf(m, m2);
+    l = (m == -INFINITY ? 0.f : l * expf(m - mm)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - mm));
+    m = mm;
+  }
+  if (lane == 0) {
+    s_fred[warp] = m;
+    s_lred[warp] = l;
+  }
   __syncthreads();
   if (tid == 0) {
     float mm = s_fred[0];
     for (int w = 1; w < num_warps; ++w) mm = fmaxf(mm, s_fred[w]);
-    s_m = mm;
-  }
-  __syncthreads();
-  m = s_m;
-  float l = 0.f;
-  for (int j = tid; j < nblk; j += kEstimateThreads) l += block_sum[row + j] * expf(bmax[j] - m);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-  __syncthreads();
-  if (lane == 0) s_fred[warp] = l;
-  __syncthreads();
-  if (tid == 0) {
     float ll = 0.f;
-    for (int w = 0; w < num_warps; ++w) ll += s_fred[w];
+    for (int w = 0; w < num_warps; ++w)
+      ll += s_fred[w] == -INFINITY ? 0.f : s_lred[w] * expf(s_fred[w] - mm);
+    s_m = mm;
     s_l = ll;
-    stats[((long long)b * num_q_heads + hq) * 2 + 0] = m;
+    stats[((long long)b * num_q_heads + hq) * 2 + 0] = mm;
     stats[((long long)b * num_q_heads + hq) * 2 + 1] = ll;
   }
   const int k = min(min(topk, kMaxTopk), nblk);
   for (int r = tid; r < k; r += kEstimateThreads) s_sel[r] = 0;
   __syncthreads();
+  m = s_m;
   l = s_l;
 
   // 2a. the k-th largest block maximum, as an order-preserving key, by bisection on its bits
@@ -387,8 +396,8 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   const int h = hq / group;
   for (int r = tid; r < k; r += kEstimateThreads) {
     const int j = s_sel[r];
-    const int tok = block_arg[row + j];
-    const int phys = block_table[(long long)b * blocks_per_seq + tok / AKV_BLOCK_TOKENS];
+    const int tok = block_arg[row + j];            // a token of block j: both loads at once
+    const int phys = block_table[(long long)b * blocks_per_seq + j];
     s_p[r] = expf(bmax[j] - m) / l;
     s_row[r] = (((long long)phys * num_kv_heads + h) * AKV_BLOCK_TOKENS + tok % AKV_BLOCK_TOKENS) * D;
   }
