@@ -117,8 +117,19 @@ def test_greedy_generate_through_the_aligned_cache(rng):
     cache = hf.AlignedCache.for_model(model, 32, backend="numpy", mode="full")
     aligned = hf.generate(model, ids, cache, 10)
     assert aligned.shape == base.shape == (1, 10)
-    assert (aligned == base).float().mean() >= 0.8
     assert cache.store.lengths(0)[0] == 12 + 10 - 1
+    # full mode is fp16 attention up to fp32 summation order, so greedy tokens agree until a
+    # near-tie in the logits flips one (random weights give such ties; a flip then shifts
+    # every later token, which a fraction-agreeing check mistook for a failure). Where they
+    # first differ, the stock path's logits of the two tokens must be within 2 fp16 ulps.
+    differ = (aligned != base)[0].nonzero()
+    if len(differ):
+        i = int(differ[0])
+        assert i >= 1                  # the first token comes from the prefill: identical
+        stock = teacher_forced_logits(model, torch.cat([ids, base], 1), DynamicCache(), 12)
+        step = stock[0, i - 1]         # logits after base[i - 1]: they chose base[i]
+        top = float(step[base[0, i]])
+        assert abs(top - float(step[aligned[0, i]])) <= 2 * np.spacing(np.float16(abs(top)))
 
 
 def test_model_generate_with_past_key_values(rng):
