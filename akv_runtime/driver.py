@@ -271,6 +271,14 @@ def set_max_dynamic_shared(function, nbytes: int) -> None:
     check(_cu.cuFuncSetAttribute(function, attr, int(nbytes)), "cuFuncSetAttribute")
 
 
+def max_active_blocks(function, threads: int, shared_mem: int = 0) -> int:
+    """CTAs of ``function`` (``threads`` per CTA, ``shared_mem`` bytes of dynamic shared
+    memory) that fit on one multiprocessor at once (its registers, shared memory and warp
+    slots; ``cuOccupancyMaxActiveBlocksPerMultiprocessor``). Raises CudaError."""
+    return int(check(_cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        function, int(threads), int(shared_mem)), "cuOccupancyMaxActiveBlocksPerMultiprocessor"))
+
+
 class Module:
     """A loaded cubin and its kernels."""
 

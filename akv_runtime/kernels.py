@@ -91,10 +91,37 @@ MAX_GROUP_V4 = 4
 #: Version 4's pipeline stages (scores, values) per head_dim; cuda/akv.cu instantiates the
 #: same numbers. A stage holds one block's three planes: 2 * 64 * head_dim bytes.
 STAGES_V4 = {128: (4, 6), 64: (6, 8)}
-#: Version 3: most blocks one CTA serves (kMaxSplit in akv_decode_v3.cuh), and the CTAs per
-#: multiprocessor the split size aims to keep busy.
+#: Versions >= 3: most blocks one CTA of the values kernels serves (kMaxSplit in
+#: akv_decode_v3.cuh; the combine step sums one partial per split) and of the scores kernels
+#: (kMaxScoreSplit; their output is per block, so their split is free to differ).
 MAX_SPLIT_BLOCKS = 8
-TARGET_CTAS_PER_SM = 8
+MAX_SCORE_SPLIT_BLOCKS = 16
+#: The split model's cost of a CTA's prologue (block table, exponent maxima, tiers), in
+#: units of the time one block of planes takes (docs/perf-notes.md, "split choice").
+SPLIT_PROLOGUE_BLOCKS = 0.5
+
+
+def choose_split(nblk: int, rows: int, slots: int, cap: int) -> int:
+    """Blocks per CTA for a split-KV kernel over ``rows`` (KV heads x sequences) rows of
+    ``nblk`` 64-token blocks, when ``slots`` CTAs fit on the GPU at once (multiprocessors x
+    resident CTAs per multiprocessor), at most ``cap``.
+
+    Model (docs/perf-notes.md, "split choice"): CTAs run in waves of ``slots``, and a CTA
+    takes ``split + SPLIT_PROLOGUE_BLOCKS`` block-times, so a launch takes
+    ``ceil(CTAs / slots) * (split + SPLIT_PROLOGUE_BLOCKS)``. The smallest such time wins;
+    among splits within 2 % of it the largest (fewer CTAs, fewer partials). This is what
+    keeps a launch from ending in a nearly empty wave: at batch 1 x 16k (MHA, 32 KV heads,
+    6 scores CTAs per multiprocessor on 132) 8 blocks per CTA give 1024 CTAs, 1.29 waves;
+    11 give 768, one wave.
+
+    Raises ValueError unless every argument is positive."""
+    for name, value in (("nblk", nblk), ("rows", rows), ("slots", slots), ("cap", cap)):
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
+    costs = {s: -(-rows * -(-nblk // s) // slots) * (s + SPLIT_PROLOGUE_BLOCKS)
+             for s in range(1, min(cap, nblk) + 1)}
+    best = min(costs.values())
+    return max(s for s, c in costs.items() if c <= best * 1.02)
 
 
 def resolve_stream(stream, info) -> int:
@@ -171,19 +198,29 @@ class CudaBackend:
             self.values_smem = max(value_stages * stage, 4 * (D // 16) * 16 * G * 4)
             driver.set_max_dynamic_shared(self.k_scores, self.scores_smem)
             driver.set_max_dynamic_shared(self.k_values, self.values_smem)
+        self.scores_per_sm = max(1, driver.max_active_blocks(self.k_scores, SCORE_THREADS,
+                                                             self.scores_smem))
+        self.values_per_sm = max(1, driver.max_active_blocks(self.k_values, VALUE_THREADS,
+                                                             self.values_smem))
         self.decode_version = version
 
-    def split_blocks(self, nblk: int, num_kv_heads: int, batch: int) -> int:
-        """Blocks per CTA: 1 for versions 1-2; for versions >= 3 as many as keep about
-        TARGET_CTAS_PER_SM CTAs per multiprocessor busy, at most MAX_SPLIT_BLOCKS.
-        ``forced_split`` ($AKV_SPLIT_BLOCKS; tests and experiments) replaces that choice,
-        still at most MAX_SPLIT_BLOCKS."""
+    def splits(self, nblk: int, num_kv_heads: int, batch: int) -> tuple[int, int]:
+        """Blocks per CTA of the scores kernel and of the values kernel, for sequences of at
+        most ``nblk`` blocks: 1 for versions 1-2; for versions >= 3 :func:`choose_split` with
+        each kernel's own occupancy (resident CTAs per multiprocessor, from the driver), at
+        most MAX_SCORE_SPLIT_BLOCKS and MAX_SPLIT_BLOCKS. ``forced_split``
+        ($AKV_SPLIT_BLOCKS; tests and experiments) replaces both: an int for both kernels,
+        or a (scores, values) pair, each capped by its kernel's maximum."""
         if self.decode_version < 3:
-            return 1
+            return 1, 1
         if self.forced_split is not None:
-            return min(MAX_SPLIT_BLOCKS, self.forced_split)
-        target = self.dev.multiprocessors * TARGET_CTAS_PER_SM
-        return max(1, min(MAX_SPLIT_BLOCKS, -(-nblk * num_kv_heads * batch // target)))
+            forced = self.forced_split
+            score, value = forced if isinstance(forced, tuple) else (forced, forced)
+            return min(MAX_SCORE_SPLIT_BLOCKS, score), min(MAX_SPLIT_BLOCKS, value)
+        rows = num_kv_heads * batch
+        sms = self.dev.multiprocessors
+        return (choose_split(nblk, rows, sms * self.scores_per_sm, MAX_SCORE_SPLIT_BLOCKS),
+                choose_split(nblk, rows, sms * self.values_per_sm, MAX_SPLIT_BLOCKS))
 
     # ------------------------------------------------------------------ helpers
     def check_device(self, name, info):
@@ -260,21 +297,22 @@ class CudaBackend:
         :meth:`attend` runs them all; the benchmark also times each alone (each reads only
         what earlier phases left in the workspace, so repeating one is harmless).
         The argument arrays are packed once per (layer, mode, rule, counting, debug maps,
-        kernel version) and only the per-call values (q, its strides, the output, the split)
+        kernel version) and only the per-call values (q, its strides, the output, the splits)
         are rewritten in place, so a decode step costs four driver calls and little Python.
         """
         cache = self.cache
         B, Hq, D = q_info.shape
         Hk = cache.num_kv_heads
         nblk = blocks_for(int(cache._lengths[layer].max()))
-        split = self.split_blocks(nblk, Hk, B)
-        splits = -(-nblk // split)
+        score_split, split = self.splits(nblk, Hk, B)
+        score_splits, splits = -(-nblk // score_split), -(-nblk // split)
         plan = self._plan(layer, mode, rule, count, k_map, v_map)
-        plan.q_ptr.value, plan.out_ptr.value, plan.split.value = q_info.ptr, out_ptr, split
+        plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
+        plan.score_split.value, plan.split.value = score_split, split
         plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
         go = driver.launch_packed
         return [
-            ("scores", lambda: go(self.k_scores, (splits, Hk, B), (SCORE_THREADS,),
+            ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
                                   plan.scores, stream, self.scores_smem)),
             ("estimate", lambda: go(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,),
                                     plan.estimate, stream)),
@@ -293,6 +331,7 @@ class CudaBackend:
         Hq, Hk, D = cache.num_query_heads, cache.num_kv_heads, cache.head_dim
         G, bps = Hq // Hk, cache.blocks_per_sequence
         plan = _DecodePlan()
+        score_extra = [plan.score_split] if self.decode_version >= 3 else []
         extra = [plan.split] if self.decode_version >= 3 else []
         counters = ptr(self.ws["counters"].ptr if count else 0)
         full = i32(1 if mode == "full" else 0)
@@ -303,7 +342,7 @@ class CudaBackend:
             plan.q_ptr, plan.q_sb, plan.q_sh, lengths, ws["block_table"], i32(bps),
             p["k_hi"], p["k_mid"], p["k_lo"], p["k_exp_max"], i32(Hk), i32(G),
             f32(1.0 / np.sqrt(D)), full, i32(rule.k_thresholds[0]), i32(rule.k_thresholds[1]),
-            *extra, ws["scores"], ws["block_max"], ws["block_sum"], ws["block_arg"], counters,
+            *score_extra, ws["scores"], ws["block_max"], ws["block_sum"], ws["block_arg"], counters,
             ptr(k_map)])
         plan.pack("estimate", [
             lengths, ws["block_table"], i32(bps), p["v_hi"], i32(Hk), i32(G), i32(D),
@@ -313,8 +352,7 @@ class CudaBackend:
             lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
             p["v_exp_max"], i32(Hk), i32(G), full, i32(rule.v_thresholds[0]),
             i32(rule.v_thresholds[1]), i32(rule.v_skip_gap), i32(rule.v_bias), *extra,
-            ws["scores"], ws["stats"],
-            ws["o_est"], ws["partial"], counters, ptr(v_map)])
+            ws["scores"], ws["stats"], ws["o_est"], ws["partial"], counters, ptr(v_map)])
         plan.pack("combine", [lengths, i32(bps), i32(Hq), i32(D), plan.split, ws["partial"],
                               plan.out_ptr])
         self._plans[key] = plan
@@ -397,6 +435,7 @@ class _DecodePlan:
         self.q_ptr, self.out_ptr = ptr(0), ptr(0)
         self.q_sb, self.q_sh = ctypes_i64(0), ctypes_i64(0)
         self.split = i32(1)
+        self.score_split = i32(1)
         self._keep = []
 
     def pack(self, name, args):

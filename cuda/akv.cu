@@ -261,15 +261,17 @@ AKV_SCORES_ENTRY(128)
 //  1. m = max of the block maxima, l = sum_j block_sum_j * exp(block_max_j - m), in one pass
 //     (online rescaling, then a fixed merge order over lanes and warps).
 //  2. The approximate top-k: the `topk` blocks with the largest block maximum (ties to the
-//     lower block, reference.estimate_blocks). Each block's rank (how many blocks come
-//     before it in that order) is counted in parallel; rank r < topk is selection slot r.
+//     lower block, reference.estimate_blocks). A radix select finds the k-th largest maximum;
+//     each block at or above it counts its rank (how many blocks come before it in that
+//     order) in parallel; rank r < topk is selection slot r.
 //  3. O_est[d] = sum over the slots in order of p_j * |v_jd at tier 8| for the slot's arg-max
 //     token j, p_j = exp(s_j - m) / l; thread d reads the hi byte of channel d of each row
 //     (the rows' addresses are resolved first, so the loads are independent).
 constexpr int kEstimateThreads = 256;
 constexpr int kEstimateSmemBlocks = 4096;   // block maxima kept on chip up to 256k tokens
 constexpr int kMaxTopk = 1024;
-constexpr int kEstimateBisectAbove = 64;    // blocks; below this every block is a candidate
+constexpr int kEstimateSelectAbove = 64;    // blocks; below this every block is a candidate
+static_assert(kEstimateThreads == 256, "the radix select's histogram: one bin per thread");
 
 extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estimate(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
@@ -283,7 +285,8 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   __shared__ float s_p[kMaxTopk];
   __shared__ long long s_row[kMaxTopk];
   __shared__ float s_m, s_l;
-  __shared__ int s_count[kEstimateThreads / 32];
+  __shared__ int s_hist[kEstimateThreads];
+  __shared__ int s_digit, s_above;
   __shared__ int s_cand[kMaxTopk];
   __shared__ int s_ncand;
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
@@ -338,24 +341,58 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   m = s_m;
   l = s_l;
 
-  // 2a. the k-th largest block maximum, as an order-preserving key, by bisection on its bits
-  //     (32 counting passes; skipped for short sequences, where every block is a
-  //     candidate). Only blocks at or above it can hold a slot.
+  // 2a. the k-th largest block maximum, as an order-preserving key, by radix select: four
+  //     passes over its bytes, most significant first. Each pass histograms the next byte
+  //     of the keys that share the bytes found so far (warp-aggregated shared atomics), and
+  //     one warp finds the byte value where the count from the top reaches the rank still
+  //     wanted. (Skipped for short sequences, where every block is a candidate.) Only
+  //     blocks at or above the result can hold a slot. Same threshold as a bisection on its
+  //     bits, in 4 passes instead of 32 (docs/perf-notes.md).
   unsigned threshold = 0;
-  if (nblk > kEstimateBisectAbove) {
-    for (int bit = 31; bit >= 0; --bit) {
-      const unsigned cand = threshold | (1u << bit);
-      int c = 0;
-      for (int j = tid; j < nblk; j += kEstimateThreads) c += akv_order_key(bmax[j]) >= cand;
-      c = akv_warp_sum_int(c);
-      if (lane == 0) s_count[warp] = c;
+  if (nblk > kEstimateSelectAbove && k > 0) {   // k >= 1: topk >= 1 (reference.AlignmentRule)
+    unsigned prefix = 0, mask = 0;
+    int want = k;                      // rank wanted among the keys that match `prefix`
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      s_hist[tid] = 0;                 // kEstimateThreads == 256 bins
       __syncthreads();
-      int total = 0;
+      for (int j0 = 0; j0 < nblk; j0 += kEstimateThreads) {
+        const int j = j0 + tid;
+        const unsigned key = j < nblk ? akv_order_key(bmax[j]) : 0u;
+        const bool in = j < nblk && (key & mask) == prefix;
+        const unsigned digit = (key >> shift) & 0xFFu;
+        const unsigned voters = __ballot_sync(0xffffffffu, in);
+        if (in) {
+          const unsigned same = __match_any_sync(voters, digit);
+          if ((same & ((1u << lane) - 1u)) == 0u) atomicAdd(&s_hist[digit], __popc(same));
+        }
+      }
+      __syncthreads();
+      if (warp == 0) {
+        int c[8], local = 0;
 #pragma unroll
-      for (int w = 0; w < kEstimateThreads / 32; ++w) total += s_count[w];
-      if (total >= k) threshold = cand;
+        for (int i = 0; i < 8; ++i) local += (c[i] = s_hist[8 * lane + i]);
+        int suffix = local;            // keys in the bins of lanes >= this lane
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int v = __shfl_down_sync(0xffffffffu, suffix, o);
+          if (lane + o < 32) suffix += v;
+        }
+        int above = suffix - local;    // keys in higher bins than this lane's
+#pragma unroll
+        for (int i = 7; i >= 0; --i) {
+          if (above < want && above + c[i] >= want) {
+            s_digit = 8 * lane + i;
+            s_above = above;
+          }
+          above += c[i];
+        }
+      }
       __syncthreads();
+      want -= s_above;
+      prefix |= (unsigned)s_digit << shift;
+      mask |= 0xFFu << shift;
     }
+    threshold = prefix;
   }
   // 2b. gather the candidates (order does not matter: ranks are computed from values)
   if (tid == 0) s_ncand = 0;

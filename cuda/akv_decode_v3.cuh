@@ -1,5 +1,6 @@
 // Decode kernels, version 3: version 2's loads and arithmetic, but each CTA serves a split of
-// up to kMaxSplit consecutive blocks of one (sequence, KV head). Everything a block needs
+// up to kMaxScoreSplit (scores) or kMaxSplit (values) consecutive blocks of one (sequence, KV
+// head); the host picks each kernel's split from its occupancy (kernels.choose_split). Everything a block needs
 // before its plane loads (block table entry, exponent maxima, tiers, weights) is fetched for
 // the whole split at once in the prologue, so the chain of dependent global loads is paid
 // once per split instead of once per block, and the next block's planes are loaded while the
@@ -23,7 +24,8 @@ using akv2::kFull;
 using akv2::rs_step;
 using akv2::tier_words;
 using akv2::unpack16;
-constexpr int kMaxSplit = 8;
+constexpr int kMaxSplit = 8;        // values kernels: blocks per CTA (one partial per split)
+constexpr int kMaxScoreSplit = 16;  // scores kernels: per-block outputs, so a split of its own
 
 // cp.async exists from sm_80 on; older targets (sm_75) copy synchronously through registers,
 // which keeps every entry point in every cubin (the pipeline is then just a loop).
@@ -150,10 +152,10 @@ __device__ __forceinline__ void scores(
   constexpr int T = AKV_BLOCK_TOKENS, ROUNDS = D / 32, N = 16 * G, KEEP = N / 8;
   __shared__ float s_q[G][D];
   __shared__ int s_eq[G][D];
-  __shared__ uint8_t s_kexp[kMaxSplit][D];
-  __shared__ uint8_t s_tier[kMaxSplit][D];
-  __shared__ int s_phys[kMaxSplit];
-  __shared__ int s_amax[kMaxSplit][G];
+  __shared__ uint8_t s_kexp[kMaxScoreSplit][D];
+  __shared__ uint8_t s_tier[kMaxScoreSplit][D];
+  __shared__ int s_phys[kMaxScoreSplit];
+  __shared__ int s_amax[kMaxScoreSplit][G];
   __shared__ float s_part[4][4][N];
   __shared__ float s_score[G][T];
   // STAGES > 0: stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes in dynamic shared memory
@@ -195,7 +197,7 @@ __device__ __forceinline__ void scores(
         buf.lo[r] = *reinterpret_cast<const uint2*>(k_lo + row * (T / 2) + 8 * tq);
     }
   };
-  score_prologue<D, G, kMaxSplit>(
+  score_prologue<D, G, kMaxScoreSplit>(
       b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
       full_mode, t8, t12, counters, k_tier_map, s_eq, s_kexp, s_tier, s_phys, s_amax,
       [&](int g, int i, __half qh) { s_q[g][i] = __half2float(qh); },

@@ -25,7 +25,7 @@ namespace akv7 {
 
 using akv2::assemble8;
 using akv2::tier_words;
-using akv3::kMaxSplit;
+using akv3::kMaxScoreSplit;
 using akv5::mma16816;
 
 template <int D, int G>
@@ -43,10 +43,10 @@ __device__ __forceinline__ void scores(
   static_assert(G >= 1 && G <= 8, "at most 8 query heads per KV head");
   __shared__ __half s_qh[G][D];
   __shared__ int s_eq[G][D];
-  __shared__ uint8_t s_kexp[kMaxSplit][D];
-  __shared__ uint8_t s_tier[kMaxSplit][D];
-  __shared__ int s_phys[kMaxSplit];
-  __shared__ int s_amax[kMaxSplit][G];
+  __shared__ uint8_t s_kexp[kMaxScoreSplit][D];
+  __shared__ uint8_t s_tier[kMaxScoreSplit][D];
+  __shared__ int s_phys[kMaxScoreSplit];
+  __shared__ int s_amax[kMaxScoreSplit][G];
   __shared__ float s_part[4][G][T];
   __shared__ float s_score[G][T];
 
@@ -92,7 +92,7 @@ __device__ __forceinline__ void scores(
           lo[ks][i] = *reinterpret_cast<const uint32_t*>(k_lo + row * (T / 2) + 4 * g8);
       }
   };
-  akv3::score_prologue<D, G, kMaxSplit>(
+  akv3::score_prologue<D, G, kMaxScoreSplit>(
       b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
       full_mode, t8, t12, counters, k_tier_map, s_eq, s_kexp, s_tier, s_phys, s_amax,
       [&](int g, int i, __half qh) { s_qh[g][i] = qh; }, [&] { load_hi(0); });

@@ -106,8 +106,9 @@ class FakeDriver:
     CUstream = staticmethod(CUstream)
     CUdeviceptr = staticmethod(CUdeviceptr)
 
-    def __init__(self, compute_capability=(9, 0), devices=1, fail=None):
+    def __init__(self, compute_capability=(9, 0), devices=1, fail=None, occupancy=None):
         self.cc = compute_capability
+        self.occupancy = dict(occupancy or {})   # kernel name -> resident CTAs (default 8)
         self.devices = devices
         self.fail = dict(fail or {})       # call name -> CUresult to return
         self.launches = []
@@ -167,6 +168,10 @@ class FakeDriver:
     def cuFuncSetAttribute(self, fn, attr, value):
         self.function_attributes[(fn, CUfunction_attribute(attr).name)] = value
         return self._result("cuFuncSetAttribute")
+
+    def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, fn, threads, smem):
+        return self._result("cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                            self.occupancy.get(fn, 8))
 
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         kinds = self.signatures[fn]

@@ -9,7 +9,7 @@ import pytest
 from akv_runtime import driver
 from akv_runtime.arrays import ArrayInfo
 from akv_runtime.cache import AlignedKVCache
-from akv_runtime.kernels import default_decode_version
+from akv_runtime.kernels import choose_split, default_decode_version
 from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES, PlaneLayout
 from akv_runtime.reference import NEVER_SKIP
 
@@ -187,9 +187,11 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
                      "akv_decode_values_v4_d64_g3", "akv_decode_combine"]
     scores, estimate, values, combine = fake.launches
     nblk = -(-S // BLOCK_TOKENS)
-    split = backend.split_blocks(nblk, Hk, B)
-    assert split == 1                         # 2 blocks x 3 heads x 2 sequences: no splitting
-    assert backend.split_blocks(512, 32, 8) == 8 and backend.split_blocks(64, 32, 1) == 2
+    score_split, split = backend.splits(nblk, Hk, B)
+    assert split == score_split == 1          # 2 blocks x 3 heads x 2 sequences: no splitting
+    # each kernel's split follows its own occupancy (fake: 8 CTAs per SM, 132 SMs): 512
+    # blocks x 256 rows fill many waves at the caps; 64 x 32 fit one wave at 2 blocks
+    assert backend.splits(512, 32, 8) == (16, 8) and backend.splits(64, 32, 1) == (2, 2)
     assert scores["grid"] == (nblk, Hk, B) and values["grid"] == (nblk, Hk, B)
     assert scores["args"][16] == split and values["args"][14] == split
     assert values["args"][12] == NEVER_SKIP                     # the seed rule never skips
@@ -240,6 +242,20 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert mha._backend.decode_version == 3 == default_decode_version(1)
 
 
+def test_choose_split_fills_whole_waves():
+    # batch 1 x 16k, MHA (32 KV heads): 6 scores CTAs per SM on 132 SMs = 792 slots. 8
+    # blocks per CTA would launch 1024 CTAs (1.29 waves); 11 launch 768 (one wave). Measured
+    # on the H200: scores phase 0.0508 -> 0.041 ms (docs/perf-notes.md)
+    assert choose_split(256, 32, 792, 16) == 11
+    assert choose_split(64, 32, 792, 16) == 3          # batch 1 x 4k: 704 CTAs, not 1024
+    assert choose_split(256, 256, 1056, 8) == 8        # many waves: the cap
+    assert choose_split(2, 6, 1056, 8) == 1            # tiny: one block per CTA
+    assert choose_split(5, 1, 1, 16) == 5              # one slot: one CTA, all blocks
+    for bad in ((0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0)):
+        with pytest.raises(ValueError):
+            choose_split(*bad)
+
+
 def test_default_decode_version_by_group():
     assert [default_decode_version(g) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
     with pytest.raises(ValueError, match="group"):
@@ -267,5 +283,5 @@ def test_environment_variables_pick_version_and_split(fake, monkeypatch):
     monkeypatch.setenv("AKV_SPLIT_BLOCKS", "3")
     cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
     assert cache._backend.decode_version == 5
-    assert cache._backend.split_blocks(100, 4, 1) == 3
+    assert cache._backend.splits(100, 4, 1) == (3, 3)
     cache.close()

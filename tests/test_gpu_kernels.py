@@ -119,6 +119,13 @@ def test_decode_full_matches_fp16_attention(rng, D, Hk, Hq, B, n, paged, split):
         qt = torch.from_numpy(q[b]).cuda()[:, None]
         sdpa = torch.nn.functional.scaled_dot_product_attention(qt, Kt, Vt)[:, 0]
         assert R.relative_error(o[b], sdpa.float().cpu().numpy()) < 2e-3
+    # a second call, into a given output, with another query: nothing of the first call's
+    # workspace (scores, statistics, partials) shows through
+    q2 = rng.standard_normal((B, Hq, D)).astype(np.float16)
+    out = torch.full((B, Hq, D), float("nan"), dtype=torch.float16, device="cuda")
+    gpu.attend(0, torch.from_numpy(q2).cuda(), mode="full", out=out)
+    o2_ref = cpu.attend(0, q2, mode="full")
+    assert R.relative_error(out.cpu().numpy(), o2_ref) < 1e-3
 
 
 SKIPPING = R.AlignmentRule(name="skip-test", v_skip=8)    # aggressive: with the sharper
@@ -132,11 +139,13 @@ SKIPPING = R.AlignmentRule(name="skip-test", v_skip=8)    # aggressive: with the
                                                 (64, 2, 12, 1, 600, True),     # group 6
                                                 (128, 2, 4, 2, 900, True),     # group 2
                                                 (64, 1, 7, 1, 500, False)])    # group 7
-@pytest.mark.parametrize("split", [None, 3, 8], ids=["auto", "split3", "split8"])
+@pytest.mark.parametrize("split", [None, 3, 8, (13, 5)],
+                         ids=["auto", "split3", "split8", "split13_5"])
 def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, split):
     """Kernel tiers, statistics, counters and output against the reference. At these sizes
-    the automatic split is one block per CTA; ``split`` forces CTAs over 3 or 8 blocks (8: the
-    split of the large benchmark shapes), with a partial last split."""
+    the automatic split is mostly one block per CTA; ``split`` forces CTAs over 3 or 8 blocks
+    (8: the values split of the large benchmark shapes), or 13 blocks per scores CTA (their
+    limit is 16; batch 1 x 16k runs 11) with 5 per values CTA, with partial last splits."""
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
     gpu._backend.forced_split = split
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
@@ -200,6 +209,40 @@ def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, spli
     # per value in all (16.14 at G = 7, 500 tokens)
     assert sum(got[k] for k in names[:3]) <= 2 * B * nblk * BLOCK_TOKENS * D * Hk
     assert sum(got[k] for k in names[3:6]) <= 2 * got["values"]
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
+def test_estimate_over_long_sequences_matches_reference(rng, ties):
+    """Above 64 blocks the estimate kernel finds the k-th largest block maximum by radix
+    select before ranking the candidates; the decode tests above stay below 64 blocks. Here
+    301 blocks per sequence. ``tied``: every block repeats one of five K patterns, so block
+    maxima tie exactly (also at the k-th largest) while V differs, and only the reference's
+    order (value, then lower block) gives its O_est."""
+    B, Hk, Hq, D = 2, 1, 2, 64
+    n = 300 * BLOCK_TOKENS + 17
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged=True)
+    K, V = kv_like(rng, B, Hk, n, D)
+    if ties:
+        nblk = -(-n // BLOCK_TOKENS)
+        patterns = K[:, :, :5 * BLOCK_TOKENS].reshape(B, Hk, 5, BLOCK_TOKENS, D)
+        pick = rng.integers(0, 5, nblk)
+        K = np.ascontiguousarray(patterns[:, :, pick].reshape(B, Hk, -1, D)[:, :, :n])
+    append_both(gpu, cpu, 0, K, V)
+    q = rng.standard_normal((B, Hq, D)).astype(np.float16)
+    o, info = gpu.attend(0, torch.from_numpy(q).cuda(), mode="aligned", debug=True)
+    o_ref, ref = cpu.attend(0, q, mode="aligned", debug=True)
+    assert np.allclose(info["stats"][..., 0], ref["stats"][..., 0], rtol=1e-6, atol=1e-6)
+    assert np.allclose(info["stats"][..., 1], ref["stats"][..., 1], rtol=1e-4)
+    assert np.allclose(info["o_est"], ref["o_est"], rtol=1e-4, atol=1e-7)
+    if ties:   # the ties are real: several blocks share the 32nd-largest maximum
+        nblk = -(-n // BLOCK_TOKENS)
+        for b in range(B):
+            padded = np.full((Hq, nblk * BLOCK_TOKENS), -np.inf, np.float32)
+            padded[:, :n] = ref["scores"][b]
+            bmax = padded.reshape(Hq, nblk, BLOCK_TOKENS).max(axis=-1)
+            kth = np.sort(bmax, axis=-1)[:, -32]
+            assert ((bmax == kth[:, None]).sum(axis=-1) > 1).all()
+    assert R.relative_error(o.cpu().numpy(), o_ref) < 2e-3
 
 
 def test_dlpack_exports_same_memory():
