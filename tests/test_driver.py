@@ -251,7 +251,8 @@ def test_choose_split_fills_whole_waves():
     assert choose_split(256, 256, 1056, 8) == 8        # many waves: the cap
     assert choose_split(2, 6, 1056, 8) == 1            # tiny: one block per CTA
     assert choose_split(5, 1, 1, 16) == 5              # one slot: one CTA, all blocks
-    for bad in ((0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0)):
+    for bad in ((0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0), (2.5, 1, 1, 1),
+                (1, True, 1, 1)):
         with pytest.raises(ValueError):
             choose_split(*bad)
 
