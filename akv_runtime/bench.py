@@ -165,7 +165,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     phase_ms = {}
     names = [name for name, _ in cache._backend.decode_phases(
         0, q_infos[0], out.data_ptr(), "aligned", rule, 0)]   # packs; launches nothing
-    for k, name in enumerate(names):   # versions >= 3: the combine is the values' tail
+    for k, name in enumerate(names):
         def one(i, k=k):
             stream = torch.cuda.current_stream().cuda_stream
             cache._backend.decode_phases(i, q_infos[i], out.data_ptr(), "aligned", rule,
