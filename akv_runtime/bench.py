@@ -8,7 +8,9 @@ fraction of the copy bandwidth. Buffers rotate over up to 8 layers so that repea
 read four times the L2 (60 MB) where 8 layers suffice; the smallest shapes (SmolLM2 at 1 x 4k:
 8 x 3 MB) stay partly L2-resident, for every column alike. Prints a short table last and
 writes JSON. The kernel versions timed are --versions plus each shape's default;
-$AKV_DECODE_VERSION is ignored, $AKV_SPLIT_BLOCKS applies (recorded in the JSON).
+$AKV_DECODE_VERSION is ignored (a malformed value is still refused), $AKV_SPLIT_BLOCKS
+applies to both split kernels (recorded in the JSON). --case replaces the grid (with or
+without --quick).
 
 K/V and q: drawn from SmolLM2-measured per-channel statistics
 (:func:`akv_runtime.workload.synthetic_kv`, docs/workload.md), labelled so in the output;
@@ -291,12 +293,13 @@ def _grid_and_versions(parser, args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m akv_runtime.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a short grid (issue 2's timing)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short grid of 6 cases instead of the full 30")
     parser.add_argument("--case", action="append", default=[],
                         help="shape:batch:context, e.g. llama2-7b:8:16384 (repeatable)")
     from .cli import positive_int
     parser.add_argument("--reps", type=positive_int, default=20,
-                        help="calls per graph replay")
+                        help="calls per graph replay (default 20)")
     parser.add_argument("--versions", default=None,
                         help="decode kernel versions to time, comma-separated (default all; "
                              "each shape's default version, kernels.default_decode_version, "
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     from .cli import output_path_problem
-    problem = output_path_problem(args.json) if args.json else None
+    problem = output_path_problem(args.json, create=False) if args.json else None
     if problem:
         parser.error(f"--json: {problem}")
     from .cache import cuda_unavailable_reason
@@ -345,7 +348,9 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "forced_split_blocks": forced_split,
               "rows": rows}
     if args.json:
-        with open(Path(args.json).expanduser(), "w") as f:
+        path = Path(args.json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
             json.dump(report, f, indent=1, default=float)
     print(format_table(rows, copy_bw))
     return 0

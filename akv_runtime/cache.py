@@ -253,7 +253,8 @@ class AlignedKVCache:
             raise ValueError("k: holds no tokens (new_tokens == 0)")
         after = self._lengths[layer] + new
         if after.max() > self.capacity:
-            raise ValueError(f"k: appending {new} tokens to layer {layer} would hold "
+            raise ValueError(f"k: appending {new} token{'s' if new != 1 else ''} to layer "
+                             f"{layer} would hold "
                              f"{int(after.max())} tokens, past the capacity of "
                              f"{self.capacity} (max_seq_len rounded up to 64-token blocks)")
         self._backend.append(layer, k_info, v_info, self._lengths[layer].copy(), stream)
@@ -299,12 +300,15 @@ class AlignedKVCache:
         Raises
         ------
         TypeError, ValueError
-            Bad dtype/shape/device/layer/mode/strict, or a sequence that holds no tokens.
+            Bad dtype/shape/device/layer/mode/strict/count/debug, or a sequence that holds
+            no tokens.
         """
         layer = self._check_layer(layer)
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         strict = check_bool("strict", strict)
+        count = check_bool("count", count)
+        debug = check_bool("debug", debug)
         if strict:
             mode = "full"
         rule = self.rule if rule is None else _as_rule(rule)

@@ -18,21 +18,28 @@ def positive_int(value: str) -> int:
     return n
 
 
-def output_path_problem(value) -> str | None:
+def output_path_problem(value, create: bool = True) -> str | None:
     """Why an output file (``--json``/``--plot``) could not be written, or None.
 
-    Checked before the slow work so that a run never ends in a traceback after its results:
-    the parent folder is created when missing (as the writer would), then must be a writable
-    folder. Returns a short reason for a one-line error."""
-    parent = Path(value).expanduser().resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"cannot create {parent} ({exc.strerror or exc})"
-    if not parent.is_dir():
-        return f"{parent} is not a folder"
-    if not os.access(parent, os.W_OK):
-        return f"{parent} is not writable"
-    if Path(value).expanduser().is_dir():
+    Checked before the slow work so that a run never ends in a traceback after its results.
+    With ``create`` the parent folder is created when missing (as the writer would), then
+    must be a writable folder; without it nothing is created (the caller creates the parent
+    when it writes), and the nearest existing ancestor must be a writable folder. Returns a
+    short reason for a one-line error."""
+    path = Path(value).expanduser()
+    if path.is_dir():
         return f"{value} is a folder, not a file"
+    parent = path.resolve().parent
+    if create:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create {parent} ({exc.strerror or exc})"
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
     return None

@@ -1,7 +1,9 @@
 """Run decode attention at one shape, for a profiler (ncu) to look at, and time it.
 
 python scripts/profile_decode.py [--shape llama2-7b] [--batch 8] [--context 16384] [--version 3]
-                                 [--rule seed] [--reps 0] [--l2-fetch BYTES]
+                                 [--mode aligned] [--rule seed] [--reps 0] [--l2-fetch BYTES]
+
+Needs a CUDA GPU (and the cubins, `python build.py`).
 
 --reps N times N calls with CUDA events (after 3 untimed ones) and prints the median ms and
 the bytes the kernels counted (a second, counting call), so an ncu run's DRAM bytes can be
@@ -23,8 +25,10 @@ import torch
 
 from akv_runtime import driver, workload
 from akv_runtime.bench import SHAPES
-from akv_runtime.cache import AlignedKVCache
-from akv_runtime.reference import named_rule
+from akv_runtime.cache import AlignedKVCache, cuda_unavailable_reason
+from akv_runtime.cli import positive_int
+from akv_runtime.kernels import DECODE_VERSIONS
+from akv_runtime.reference import RULES, named_rule
 
 
 def l2_fetch(nbytes: int | None) -> int:
@@ -39,15 +43,25 @@ def l2_fetch(nbytes: int | None) -> int:
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="llama2-7b", choices=list(SHAPES))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--context", type=int, default=16384)
-    parser.add_argument("--version", type=int, default=None)
-    parser.add_argument("--mode", default="aligned")
-    parser.add_argument("--rule", default="seed", help="named rule (reference.RULES)")
-    parser.add_argument("--reps", type=int, default=0)
-    parser.add_argument("--l2-fetch", type=int, default=None)
+    parser.add_argument("--shape", default="llama2-7b", choices=list(SHAPES),
+                        help="attention shape (bench.SHAPES; default llama2-7b)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="sequences (default 8)")
+    parser.add_argument("--context", type=positive_int, default=16384,
+                        help="tokens per sequence (default 16384)")
+    parser.add_argument("--version", type=int, default=None, choices=DECODE_VERSIONS,
+                        help="decode kernel version (default: the shape's default)")
+    parser.add_argument("--mode", default="aligned", choices=["aligned", "full"],
+                        help="aligned (the rule's tiers) or full (16 bits); default aligned")
+    parser.add_argument("--rule", default="seed", choices=sorted(RULES),
+                        help="named rule (reference.RULES; default seed)")
+    parser.add_argument("--reps", type=int, default=0,
+                        help="time this many calls with CUDA events (default 0: none)")
+    parser.add_argument("--l2-fetch", type=int, default=None,
+                        help="set CU_LIMIT_MAX_L2_FETCH_GRANULARITY to this many bytes first")
     args = parser.parse_args()
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        parser.exit(2, f"profile_decode: needs a CUDA GPU ({reason})\n")
     Hq, Hk, D = SHAPES[args.shape]
     rng = torch.Generator(device="cuda")
     rng.manual_seed(0)

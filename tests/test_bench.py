@@ -59,6 +59,17 @@ def test_unwritable_json_path_is_refused_first(tmp_path, capsys):
     assert exc.value.code == 2 and "--json" in capsys.readouterr().err
 
 
+def test_json_folder_is_not_created_before_the_gpu_check(tmp_path, monkeypatch):
+    """A missing --json folder is checked (its nearest existing ancestor must be a writable
+    folder) but only created when the results are written: a run refused for want of a GPU
+    leaves nothing behind."""
+    from akv_runtime import cache
+    monkeypatch.setattr(cache, "cuda_unavailable_reason", lambda: "no GPU in this test")
+    target = tmp_path / "new" / "deeper" / "x.json"
+    assert bench.main(["--quick", "--json", str(target)]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 def test_group_8_shape_is_a_case_not_part_of_the_grid():
     """llama3-70b (64 query heads over 8 KV heads) is timed with --case only; the full grid
     keeps issue 4's three shapes, every one at batch 1, 8, 32 and at 1 x 128k."""

@@ -155,12 +155,14 @@ def test_strict_reads_all_16_bits_on_this_call_only(rng):
     assert np.array_equal(cache.attend(0, q), aligned[0])
 
 
-@pytest.mark.parametrize("value", [1, 0, "yes", None, 1.0])
-def test_strict_must_be_a_bool(cache, rng, value):
+@pytest.mark.parametrize("name", ["strict", "count", "debug"])
+@pytest.mark.parametrize("value", [1, 0, "yes", "no", None, 1.0])
+def test_flags_must_be_bools(cache, rng, name, value):
+    """A truthy string must not turn on counting or the debug tuple (nor strict)."""
     q = rng.standard_normal((2, 4, 64)).astype(np.float16)
     snap = snapshot(cache)
-    with pytest.raises(TypeError, match="strict: expected a bool"):
-        cache.attend(0, q, strict=value)
+    with pytest.raises(TypeError, match=f"{name}: expected a bool"):
+        cache.attend(0, q, **{name: value})
     assert_unchanged(cache, snap)
 
 

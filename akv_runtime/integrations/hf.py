@@ -134,14 +134,14 @@ class AlignedCache(Cache):
     Raises
     ------
     TypeError
-        ``strict`` is not a bool.
+        ``strict`` or ``count`` is not a bool.
     """
 
     def __init__(self, store: AlignedKVCache, *, count: bool = False, observer=None,
                  mode: str = "aligned", strict: bool = False):
         super().__init__(layers=[AlignedLayer(store, i) for i in range(store.num_layers)])
         self.store = store
-        self.count = count
+        self.count = check_bool("count", count)
         self.observer = observer
         self.mode = mode
         self.strict = strict
