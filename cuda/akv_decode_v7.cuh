@@ -47,7 +47,9 @@ __device__ __forceinline__ void scores(
   __shared__ uint8_t s_tier[kMaxScoreSplit][D];
   __shared__ int s_phys[kMaxScoreSplit];
   __shared__ int s_amax[kMaxScoreSplit][G];
-  __shared__ float s_part[4][G][T];
+  // partial sums: row stride T + 1 and column t + t / 32, so that the fragment stores below
+  // (lane (g8, tq) -> head 2tq + e, token 8 g8 + 2 mt) hit 32 distinct banks (docs/perf-notes.md)
+  __shared__ float s_part[4][G][T + 1];
   __shared__ float s_score[G][T];
 
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
@@ -149,15 +151,16 @@ __device__ __forceinline__ void scores(
       for (int e = 0; e < 2; ++e) {
         const int g = 2 * tq + e;
         if (g < G) {
-          s_part[warp][g][t] = acc[mt][e];
-          s_part[warp][g][t + 1] = acc[mt][2 + e];
+          s_part[warp][g][t + (t >> 5)] = acc[mt][e];
+          s_part[warp][g][t + 1 + (t >> 5)] = acc[mt][2 + e];
         }
       }
     }
     __syncthreads();
     for (int idx = tid; idx < G * T; idx += 128) {
       const int g = idx / T, t = idx % T;
-      float s = ((s_part[0][g][t] + s_part[1][g][t]) + s_part[2][g][t]) + s_part[3][g][t];
+      const int ct = t + (t >> 5);
+      float s = ((s_part[0][g][ct] + s_part[1][g][ct]) + s_part[2][g][ct]) + s_part[3][g][ct];
       s *= scale;
       const int tok = blk * T + t;
       const bool valid = tok < n;
