@@ -42,6 +42,15 @@ def check_bool(name, value) -> bool:
     return bool(value)
 
 
+def _host_memory_error(layout: PlaneLayout) -> MemoryError:
+    """A MemoryError that says what the cache needed (the numpy backend's planes, or a block
+    table that large) and which arguments set it."""
+    return MemoryError(
+        f"max_seq_len: the planes of {layout.num_layers} layers x {layout.num_blocks} blocks "
+        f"need {layout.total_nbytes / 2**30:.1f} GiB of host memory, more than this machine "
+        f"gives; lower max_seq_len, batch_size or num_layers")
+
+
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA backend cannot run here, or None when it can."""
     from . import driver
@@ -139,7 +148,11 @@ class AlignedKVCache:
                 raise ValueError(f"num_blocks: {num_blocks} blocks cannot hold the identity "
                                  f"table of {batch_size} x {blocks_per_seq} blocks; pass "
                                  f"block_table")
-            table = identity_block_table(batch_size, blocks_per_seq)
+            try:
+                table = identity_block_table(batch_size, blocks_per_seq)
+            except MemoryError:
+                raise _host_memory_error(PlaneLayout(num_layers, num_blocks, num_kv_heads,
+                                                     head_dim)) from None
         else:
             table = np.asarray(to_numpy(block_table))
             if table.ndim != 2 or table.shape[0] != batch_size or table.shape[1] < blocks_per_seq:
@@ -183,7 +196,10 @@ class AlignedKVCache:
             from .kernels import CudaBackend
             self._backend = CudaBackend(self, device_id)
         else:
-            self._backend = NumpyBackend(self)
+            try:
+                self._backend = NumpyBackend(self)
+            except MemoryError:
+                raise _host_memory_error(self.layout) from None
 
     # ----------------------------------------------------------------- properties
     @property

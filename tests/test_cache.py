@@ -184,3 +184,13 @@ def test_rule_by_name(rng):
         by_name.attend(0, q, rule="tunde")
     with pytest.raises(TypeError, match="AlignmentRule or a rule name"):
         AlignedKVCache(1, 2, 64, 128, backend="numpy", rule=3)
+
+
+def test_a_cache_too_large_for_host_memory_says_why():
+    """numpy's own MemoryError named an array shape; the cache's names its arguments and the
+    bytes its planes would need (the identity block table, or the planes themselves)."""
+    with pytest.raises(MemoryError, match=r"max_seq_len: the planes of 2 layers .* GiB"):
+        AlignedKVCache(2, 2, 64, 10**15, backend="numpy")
+    table = np.arange(2, dtype=np.int32).reshape(1, 2)
+    with pytest.raises(MemoryError, match=r"max_seq_len: the planes of 2 layers x 10000000000000"):
+        AlignedKVCache(2, 2, 64, 128, backend="numpy", block_table=table, num_blocks=10**13)
