@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     from .cli import output_path_problem
-    problem = output_path_problem(args.json, create=False) if args.json else None
+    problem = output_path_problem(args.json) if args.json else None
     if problem:
         parser.error(f"--json: {problem}")
     from .cache import cuda_unavailable_reason

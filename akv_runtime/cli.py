@@ -18,24 +18,17 @@ def positive_int(value: str) -> int:
     return n
 
 
-def output_path_problem(value, create: bool = True) -> str | None:
+def output_path_problem(value) -> str | None:
     """Why an output file (``--json``/``--plot``) could not be written, or None.
 
-    Checked before the slow work so that a run never ends in a traceback after its results.
-    With ``create`` the parent folder is created when missing (as the writer would), then
-    must be a writable folder; without it nothing is created (the caller creates the parent
-    when it writes), and the nearest existing ancestor must be a writable folder. Returns a
-    short reason for a one-line error."""
+    Checked before the slow work so that a run never ends in a traceback after its results,
+    and without side effects: nothing is created here (the writers create the parent folder
+    when they write), so the nearest existing ancestor of the file must be a writable
+    folder. Returns a short reason for a one-line error."""
     path = Path(value).expanduser()
     if path.is_dir():
         return f"{value} is a folder, not a file"
-    parent = path.resolve().parent
-    if create:
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            return f"cannot create {parent} ({exc.strerror or exc})"
-    existing = parent
+    existing = path.resolve().parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():

@@ -51,40 +51,36 @@ def default_decode_version(group: int) -> int:
     return 3 if group == 1 else 7
 
 
+def _env_int(name: str, allowed, expected: str) -> int | None:
+    """The integer in ``$name`` if it is in ``allowed``; None when unset or empty. Raises
+    ValueError naming the variable, with ``expected``, for anything else."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return None
+    try:
+        value = int(env)
+    except ValueError:
+        value = None
+    if value not in allowed:
+        raise ValueError(f"${name}: expected {expected}, got {env!r}")
+    return value
+
+
 def env_decode_version() -> int | None:
     """$AKV_DECODE_VERSION: the decode kernel version every new CUDA cache runs (benchmarks,
     tests), or None when unset or empty.
 
     Raises ValueError naming the variable unless it is one of DECODE_VERSIONS."""
-    env = os.environ.get("AKV_DECODE_VERSION", "").strip()
-    if not env:
-        return None
-    try:
-        version = int(env)
-    except ValueError:
-        version = None
-    if version not in DECODE_VERSIONS:
-        raise ValueError(f"$AKV_DECODE_VERSION: expected one of {DECODE_VERSIONS}, got "
-                         f"{env!r}")
-    return version
+    return _env_int("AKV_DECODE_VERSION", DECODE_VERSIONS, f"one of {DECODE_VERSIONS}")
 
 
 def env_split_blocks() -> int | None:
     """$AKV_SPLIT_BLOCKS: blocks per CTA for decode versions >= 3 instead of the automatic
-    choice (tests and experiments), or None when unset or empty.
+    choice (both split kernels; tests and experiments), or None when unset or empty.
 
     Raises ValueError naming the variable unless it is 1..MAX_SPLIT_BLOCKS."""
-    env = os.environ.get("AKV_SPLIT_BLOCKS", "").strip()
-    if not env:
-        return None
-    try:
-        blocks = int(env)
-    except ValueError:
-        blocks = 0
-    if not 1 <= blocks <= MAX_SPLIT_BLOCKS:
-        raise ValueError(f"$AKV_SPLIT_BLOCKS: expected 1..{MAX_SPLIT_BLOCKS} blocks per CTA, "
-                         f"got {env!r}")
-    return blocks
+    return _env_int("AKV_SPLIT_BLOCKS", range(1, MAX_SPLIT_BLOCKS + 1),
+                    f"1..{MAX_SPLIT_BLOCKS} blocks per CTA")
 
 
 MAX_GROUP_V4 = 4
@@ -162,6 +158,7 @@ class CudaBackend:
         self.set_decode_version(self.default_decode_version if env_version is None
                                 else env_version)
         self.forced_split = env_split_blocks()
+        self._splits: dict = {}
 
         layout = cache.layout
         self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}
@@ -220,10 +217,15 @@ class CudaBackend:
             forced = self.forced_split
             score, value = forced if isinstance(forced, tuple) else (forced, forced)
             return min(MAX_SCORE_SPLIT_BLOCKS, score), min(MAX_SPLIT_BLOCKS, value)
-        rows = num_kv_heads * batch
-        sms = self.dev.multiprocessors
-        return (choose_split(nblk, rows, sms * self.scores_per_sm, MAX_SCORE_SPLIT_BLOCKS),
+        key = (nblk, num_kv_heads, batch, self.decode_version)
+        found = self._splits.get(key)      # a decode step costs a dict lookup, not the model
+        if found is None:
+            rows = num_kv_heads * batch
+            sms = self.dev.multiprocessors
+            found = self._splits[key] = (
+                choose_split(nblk, rows, sms * self.scores_per_sm, MAX_SCORE_SPLIT_BLOCKS),
                 choose_split(nblk, rows, sms * self.values_per_sm, MAX_SPLIT_BLOCKS))
+        return found
 
     # ------------------------------------------------------------------ helpers
     def check_device(self, name, info):
