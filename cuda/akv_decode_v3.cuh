@@ -580,25 +580,36 @@ __device__ __forceinline__ void values(
 
 }  // namespace akv3
 
-#define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G)                                                        \
-  extern "C" __global__ void __launch_bounds__(128) akv_decode_scores_v##V##_d##D##_g##G(   \
+// Entry points of the split kernels (versions 3-7): one signature for every version's scores
+// kernel and one for its values kernel. FN is the device function, parenthesised (its
+// template arguments hold commas); the rest are __launch_bounds__' arguments (128 threads, and
+// the minimum CTAs per SM where a version caps its registers; `128, 1` is not the same as
+// `128`: ptxas then picks other register counts).
+#define AKV_SPLIT_SCORES_ENTRY(NAME, FN, ...)                                                \
+  extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(                              \
       const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
       const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
       const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
       int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
       float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
-    akv3::scores<D, G, SCORE_STAGES>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
-                       k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12, split_blocks,   \
-                       scores, block_max, block_sum, block_arg, counters, k_tier_map);       \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(128) akv_decode_values_v##V##_d##D##_g##G(   \
+    FN(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid, k_lo, k_exp,        \
+       num_kv_heads, scale, full_mode, t8, t12, split_blocks, scores, block_max, block_sum,  \
+       block_arg, counters, k_tier_map);                                                     \
+  }
+#define AKV_SPLIT_VALUES_ENTRY(NAME, FN, ...)                                                \
+  extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(                              \
       const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
       const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
       int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
       const float* scores, const float* stats, const float* o_est, float* partial,           \
       unsigned long long* counters, uint8_t* v_tier_map) {                                   \
-    akv3::values<D, G, VALUE_STAGES>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
-                       num_kv_heads, full_mode, t8, t12, skip, bias, split_blocks, scores,   \
-                       stats,                                                                \
-                       o_est, partial, counters, v_tier_map);                                \
+    FN(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp, num_kv_heads,         \
+       full_mode, t8, t12, skip, bias, split_blocks, scores, stats, o_est, partial, counters, \
+       v_tier_map);                                                                          \
   }
+
+#define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G)                                    \
+  AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G,                               \
+                         (akv3::scores<D, G, SCORE_STAGES>), 128)                            \
+  AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G,                               \
+                         (akv3::values<D, G, VALUE_STAGES>), 128)

@@ -249,25 +249,7 @@ __device__ __forceinline__ void values(
 }  // namespace akv5
 
 // Version 5 entry points: version 3's scores kernel, the tensor-core values kernel.
-#define AKV5_ENTRIES(V, MINB, WS, D, G)                                                                 \
-  extern "C" __global__ void __launch_bounds__(128) akv_decode_scores_v##V##_d##D##_g##G(    \
-      const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
-      const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
-      const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
-      int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
-      float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
-    akv3::scores<D, G, 0>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,  \
-                          k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12,              \
-                          split_blocks, scores, block_max, block_sum, block_arg, counters,   \
-                          k_tier_map);                                                       \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(128, MINB) akv_decode_values_v##V##_d##D##_g##G( \
-      const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
-      const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
-      int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
-      const float* scores, const float* stats, const float* o_est, float* partial,           \
-      unsigned long long* counters, uint8_t* v_tier_map) {                                   \
-    akv5::values<D, G, WS>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,       \
-                       num_kv_heads, full_mode, t8, t12, skip, bias, split_blocks, scores,   \
-                       stats, o_est, partial, counters, v_tier_map);                         \
-  }
+#define AKV5_ENTRIES(V, MINB, WS, D, G)                                                      \
+  AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G, (akv3::scores<D, G, 0>), 128) \
+  AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G, (akv5::values<D, G, WS>),      \
+                         128, MINB)

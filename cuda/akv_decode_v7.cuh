@@ -28,6 +28,25 @@ using akv2::tier_words;
 using akv3::kMaxScoreSplit;
 using akv5::mma16816;
 
+// A lane's tiers and mid/lo words of k-step KS of one block: channels tiers[16 KS + i]
+// (i < 4, one 4-byte shared load), rows 16 KS + i of the block's planes at pm / pl.
+// The four tiers stay packed in one word (byte i: channel 16 KS + i), which saves registers.
+template <int KS>
+__device__ __forceinline__ void rest_of_kstep(const uint8_t* tiers, const uint8_t* pm,
+                                              const uint8_t* pl, uint32_t& t4,
+                                              uint32_t (&mid)[4], uint32_t (&lo)[4]) {
+  constexpr int HALF = AKV_BLOCK_TOKENS / 2;                 // bytes per mid/lo row
+  t4 = *reinterpret_cast<const uint32_t*>(tiers + 16 * KS);
+  mid[0] = akv_load_u32_if<(16 * KS + 0) * HALF>(pm, (t4 & 0xFF) >= 12);
+  mid[1] = akv_load_u32_if<(16 * KS + 1) * HALF>(pm, ((t4 >> 8) & 0xFF) >= 12);
+  mid[2] = akv_load_u32_if<(16 * KS + 2) * HALF>(pm, ((t4 >> 16) & 0xFF) >= 12);
+  mid[3] = akv_load_u32_if<(16 * KS + 3) * HALF>(pm, (t4 >> 24) >= 12);
+  lo[0] = akv_load_u32_if<(16 * KS + 0) * HALF>(pl, (t4 & 0xFF) >= 16);
+  lo[1] = akv_load_u32_if<(16 * KS + 1) * HALF>(pl, ((t4 >> 8) & 0xFF) >= 16);
+  lo[2] = akv_load_u32_if<(16 * KS + 2) * HALF>(pl, ((t4 >> 16) & 0xFF) >= 16);
+  lo[3] = akv_load_u32_if<(16 * KS + 3) * HALF>(pl, (t4 >> 24) >= 16);
+}
+
 template <int D, int G>
 __device__ __forceinline__ void scores(
     const __half* __restrict__ q, long long q_sb, long long q_sh,
@@ -44,7 +63,7 @@ __device__ __forceinline__ void scores(
   __shared__ __half s_qh[G][D];
   __shared__ int s_eq[G][D];
   __shared__ uint8_t s_kexp[kMaxScoreSplit][D];
-  __shared__ uint8_t s_tier[kMaxScoreSplit][D];
+  __shared__ __align__(4) uint8_t s_tier[kMaxScoreSplit][D];
   __shared__ int s_phys[kMaxScoreSplit];
   __shared__ int s_amax[kMaxScoreSplit][G];
   // partial sums: row stride T + 1 and column t + t / 32, so that the fragment stores below
@@ -63,36 +82,30 @@ __device__ __forceinline__ void scores(
 
   const int g8 = lane >> 2, tq = lane & 3;
   const int cbase = warp * (D / 4) + 4 * tq;               // + 16 ks + i: the lane's channels
+  // Addressing: one 64-bit product per block (its plane base); the lane's own byte offsets
+  // inside a block's planes are fixed, and each load adds a compile-time row offset, so a
+  // load is one instruction (ptxas had spent ~10 integer instructions per load on 64-bit
+  // row arithmetic; docs/perf-notes.md, sixth session).
+  const int hi_lane = cbase * T + 8 * g8, ml_lane = cbase * (T / 2) + 4 * g8;
   // a lane's planes of one block: 4 channels per k-step, tokens 8g8 .. 8g8+7
   uint2 hi[KSW][4];
   uint32_t mid[KSW][4], lo[KSW][4];
-  int tier[KSW][4];
+  uint32_t tier4[KSW];                // the tiers of channel 16 ks + i in byte i
+  auto head_of = [&](int j) { return (long long)s_phys[j] * num_kv_heads + h; };
   auto load_hi = [&](int j) {         // read at every tier
-    const long long head = (long long)s_phys[j] * num_kv_heads + h;
+    const uint8_t* p = k_hi + head_of(j) * (D * T) + hi_lane;
 #pragma unroll
     for (int ks = 0; ks < KSW; ++ks)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const long long row = head * D + cbase + 16 * ks + i;
-        hi[ks][i] = *reinterpret_cast<const uint2*>(k_hi + row * T + 8 * g8);
-      }
+      for (int i = 0; i < 4; ++i)
+        hi[ks][i] = *reinterpret_cast<const uint2*>(p + (16 * ks + i) * T);
   };
   auto load_rest = [&](int j) {
-    const long long head = (long long)s_phys[j] * num_kv_heads + h;
-#pragma unroll
-    for (int ks = 0; ks < KSW; ++ks)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = cbase + 16 * ks + i;
-        const long long row = head * D + c;
-        tier[ks][i] = s_tier[j][c];
-        mid[ks][i] = 0u;
-        lo[ks][i] = 0u;
-        if (tier[ks][i] >= 12)
-          mid[ks][i] = *reinterpret_cast<const uint32_t*>(k_mid + row * (T / 2) + 4 * g8);
-        if (tier[ks][i] >= 16)
-          lo[ks][i] = *reinterpret_cast<const uint32_t*>(k_lo + row * (T / 2) + 4 * g8);
-      }
+    const long long off = head_of(j) * (D * T / 2) + ml_lane;
+    const uint8_t* pm = k_mid + off;
+    const uint8_t* pl = k_lo + off;
+    rest_of_kstep<0>(&s_tier[j][cbase], pm, pl, tier4[0], mid[0], lo[0]);
+    if constexpr (KSW > 1) rest_of_kstep<1>(&s_tier[j][cbase], pm, pl, tier4[1], mid[1], lo[1]);
   };
   akv3::score_prologue<D, G, kMaxScoreSplit>(
       b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
@@ -114,6 +127,12 @@ __device__ __forceinline__ void scores(
     }
   }
   load_rest(0);                        // block 0's hi is in flight since the prologue
+  // the thread's score row and column in the epilogue; + r * srow2 (two heads on) + blk * T
+  constexpr int PER = (G * T + 127) / 128;
+  const long long srow = (long long)blocks_per_seq * T, srow2 = 2 * srow;
+  float* const sout = scores_out + (qhead + (tid >> 6)) * srow + (tid & (T - 1));
+  // the lane's partial-sum slot: head 2 tq (+ e), token 8 g8 (+ 2 mt + 0/1)
+  float* const sp = &s_part[warp][0][0] + 2 * tq * (T + 1) + 8 * g8 + (g8 >> 2);
   for (int j = 0; j < count; ++j) {
     const int blk = first + j;
     float acc[4][4];
@@ -127,7 +146,7 @@ __device__ __forceinline__ void scores(
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         uint2 m = make_uint2(mid[ks][i], 0u), l = make_uint2(lo[ks][i], 0u);
-        tier_words(tier[ks][i], m, l);
+        tier_words((tier4[ks] >> (8 * i)) & 0xFF, m, l);
         assemble8(hi[ks][i].x, hi[ks][i].y, m.x, l.x, w[i]);
       }
 #pragma unroll
@@ -144,28 +163,31 @@ __device__ __forceinline__ void scores(
       load_rest(j + 1);
     }
     // this warp's quarter-channel sums: heads 2tq, 2tq+1 of tokens 8g8+2mt, +1
+    // (column t + t / 32 = 8 g8 + g8 / 4 + 2 mt (+1): constant offsets from sp)
 #pragma unroll
-    for (int mt = 0; mt < 4; ++mt) {
-      const int t = 8 * g8 + 2 * mt;
+    for (int e = 0; e < 2; ++e) {
+      if (G >= 8 || 2 * tq + e < G) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int g = 2 * tq + e;
-        if (g < G) {
-          s_part[warp][g][t + (t >> 5)] = acc[mt][e];
-          s_part[warp][g][t + 1 + (t >> 5)] = acc[mt][2 + e];
+        for (int mt = 0; mt < 4; ++mt) {
+          sp[e * (T + 1) + 2 * mt] = acc[mt][e];
+          sp[e * (T + 1) + 2 * mt + 1] = acc[mt][2 + e];
         }
       }
     }
     __syncthreads();
-    for (int idx = tid; idx < G * T; idx += 128) {
-      const int g = idx / T, t = idx % T;
-      const int ct = t + (t >> 5);
-      float s = ((s_part[0][g][ct] + s_part[1][g][ct]) + s_part[2][g][ct]) + s_part[3][g][ct];
-      s *= scale;
-      const int tok = blk * T + t;
-      const bool valid = tok < n;
-      s_score[g][t] = valid ? s : -INFINITY;
-      if (valid) scores_out[(qhead + g) * ((long long)blocks_per_seq * T) + tok] = s;
+    // the four channel quarters summed (fixed order) and scaled: entries tid + 128 r, i.e.
+    // head (tid >> 6) + 2 r, token tid & 63 (compile-time trip count)
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int g = (tid >> 6) + 2 * r, t = tid & (T - 1);
+      if ((G * T) % 128 == 0 || g < G) {
+        const int ct = t + (t >> 5);
+        float s = ((s_part[0][g][ct] + s_part[1][g][ct]) + s_part[2][g][ct]) + s_part[3][g][ct];
+        s *= scale;
+        const bool valid = blk * T + t < n;
+        s_score[g][t] = valid ? s : -INFINITY;
+        if (valid) sout[r * srow2 + blk * T] = s;
+      }
     }
     __syncthreads();
     for (int g = warp; g < G; g += 4) {
@@ -179,23 +201,5 @@ __device__ __forceinline__ void scores(
 
 // Version 7 entry points: the tensor-core scores kernel, version 6's values kernel.
 #define AKV7_ENTRIES(MINB, WS, D, G)                                                         \
-  extern "C" __global__ void __launch_bounds__(128, 6) akv_decode_scores_v7_d##D##_g##G(    \
-      const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
-      const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
-      const uint8_t* k_lo, const uint8_t* k_exp, int num_kv_heads, int group, float scale,   \
-      int full_mode, int t8, int t12, int split_blocks, float* scores, float* block_max,     \
-      float* block_sum, int* block_arg, unsigned long long* counters, uint8_t* k_tier_map) { \
-    akv7::scores<D, G>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid,     \
-                       k_lo, k_exp, num_kv_heads, scale, full_mode, t8, t12, split_blocks,   \
-                       scores, block_max, block_sum, block_arg, counters, k_tier_map);       \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(128, MINB) akv_decode_values_v7_d##D##_g##G( \
-      const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
-      const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
-      int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
-      const float* scores, const float* stats, const float* o_est, float* partial,           \
-      unsigned long long* counters, uint8_t* v_tier_map) {                                   \
-    akv5::values<D, G, WS>(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp,   \
-                           num_kv_heads, full_mode, t8, t12, skip, bias, split_blocks,       \
-                           scores, stats, o_est, partial, counters, v_tier_map);             \
-  }
+  AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v7_d##D##_g##G, (akv7::scores<D, G>), 128, 6)      \
+  AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v7_d##D##_g##G, (akv5::values<D, G, WS>), 128, MINB)

@@ -79,6 +79,19 @@ __device__ __forceinline__ void akv_join4(uint32_t hi4, uint32_t mid2, uint32_t 
   }
 }
 
+// A 4-byte global load at p + OFF (a compile-time byte offset) if `pred`, else 0. Written
+// in PTX so that the address is one register plus the instruction's immediate: from C++,
+// ptxas recomputed the 64-bit address under each predicate (~10 integer instructions per
+// conditional plane load; docs/perf-notes.md, sixth session).
+template <int OFF>
+__device__ __forceinline__ uint32_t akv_load_u32_if(const uint8_t* p, bool pred) {
+  uint32_t v = 0u;
+  asm("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %2, 0;\n\t@q ld.global.u32 %0, [%1+%3];\n\t}"
+      : "+r"(v)
+      : "l"(p), "r"((int)pred), "n"(OFF));
+  return v;
+}
+
 // A uint32 that orders like the float (larger float, larger key); -0 counts as +0.
 __device__ __forceinline__ unsigned akv_order_key(float f) {
   const unsigned u = __float_as_uint(f == 0.f ? 0.f : f);

@@ -14,22 +14,65 @@ from pathlib import Path
 CUDA_ROOT = Path(__file__).resolve().parent.parent / "cuda"
 
 
+def _macro_args(text: str, at: int) -> tuple[list[str], int]:
+    """The comma-separated arguments of the macro call whose '(' is at ``text[at]`` (commas
+    inside nested parentheses belong to an argument) and the index just past its ')'."""
+    args, depth, cur = [], 0, []
+    for i in range(at + 1, len(text)):
+        ch = text[i]
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth == 0:
+                args.append("".join(cur).strip())
+                return args, i + 1
+            depth -= 1
+        if ch == "," and depth == 0:
+            args.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    raise ValueError(f"unbalanced macro call at {text[at - 20:at + 20]!r}")
+
+
+def _expand(text: str, macros: dict, depth: int = 0) -> str:
+    """``text`` with every call of a function-like macro in ``macros`` replaced by its body
+    (parameters substituted, ``##`` pasted, ``__VA_ARGS__`` for ``...``), recursively."""
+    if depth > 8:
+        raise ValueError("macro expansion too deep")
+    names = "|".join(map(re.escape, macros))
+    if not names:
+        return text
+    out, pos = [], 0
+    for m in re.finditer(rf"\b({names})\(", text):
+        if m.start() < pos:
+            continue
+        params, body = macros[m.group(1)]
+        args, end = _macro_args(text, m.end() - 1)
+        named = [p for p in params if p != "..."]
+        values = dict(zip(named, args))
+        if "..." in params:
+            values["__VA_ARGS__"] = ", ".join(args[len(named):])
+        for name, value in values.items():
+            body = re.sub(rf"(?:##)?\b{name}\b(?:##)?", lambda _m, v=value: v, body)
+        out.append(text[pos:m.start()])
+        out.append(_expand(body.replace("##", ""), macros, depth + 1))
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def parse_kernel_signatures(source: str) -> dict:
     """Map each ``extern "C" __global__`` kernel of the source (macro-instantiated ones
-    included) to its parameter kinds: 'ptr' (8 bytes), 'i64', 'i32' or 'f32'."""
+    included, through nested and variadic macros) to its parameter kinds: 'ptr' (8 bytes),
+    'i64', 'i32' or 'f32'."""
     text = source.replace("\\\n", "\n")
-    sigs = {}
     macros = {}
-    for m in re.finditer(r"#define\s+(\w+)\(([\w\s,]+)\)(.*?)(?=\n\w|\n#define|\Z)", text, re.S):
+    define = re.compile(r"#define\s+(\w+)\(([\w\s,.]*)\)(.*?)(?=\n\w|\n#|\n//|\Z)", re.S)
+    for m in define.finditer(text):
         macros[m.group(1)] = ([p.strip() for p in m.group(2).split(",")], m.group(3))
-    expanded = text
-    for name, (params, body) in macros.items():
-        for inst in re.finditer(rf"^{name}\(([^)]*)\)", text, re.M):
-            values = [v.strip() for v in inst.group(1).split(",")]
-            out = body
-            for p, v in zip(params, values):
-                out = re.sub(rf"##{p}\b|\b{p}\b", v, out)
-            expanded += "\n" + out.replace("##", "")
+    expanded = _expand(define.sub("", text), macros)
+    sigs = {}
     for m in re.finditer(r'extern "C" __global__ void(?:\s+__launch_bounds__\([\w\s,]+\))?\s+'
                          r"(akv_\w+)\((.*?)\)\s*\{", expanded, re.S):
         kinds = []

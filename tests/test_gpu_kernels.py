@@ -5,6 +5,7 @@ import pytest
 
 from akv_runtime import reference as R
 from akv_runtime.cache import AlignedKVCache
+from akv_runtime.kernels import DECODE_VERSIONS
 from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES
 
 pytestmark = pytest.mark.gpu
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True, params=[1, 2, 3, 4, 5, 6, 7], ids=["v1", "v2", "v3", "v4", "v5", "v6", "v7"])
+@pytest.fixture(autouse=True, params=DECODE_VERSIONS, ids=[f"v{v}" for v in DECODE_VERSIONS])
 def decode_version(request, monkeypatch):
     """Every GPU test runs against every decode kernel version."""
     monkeypatch.setenv("AKV_DECODE_VERSION", str(request.param))
