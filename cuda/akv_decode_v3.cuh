@@ -156,8 +156,7 @@ __device__ __forceinline__ void scores(
   __shared__ uint8_t s_tier[kMaxScoreSplit][D];
   __shared__ int s_phys[kMaxScoreSplit];
   __shared__ int s_amax[kMaxScoreSplit][G];
-  __shared__ float s_part[4][4][N];
-  __shared__ float s_score[G][T];
+  __shared__ float s_part[2][4][4][N];   // two buffers, alternating by block (the epilogue)
   // STAGES > 0: stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes in dynamic shared memory
   constexpr bool STAGED = STAGES > 0;
   constexpr int STAGE = 2 * D * T;
@@ -284,25 +283,13 @@ __device__ __forceinline__ void scores(
     rs_step<N, N / 2>(acc, 8, lane, base);
     rs_step<N, N / 4>(acc, 16, lane, base);
 #pragma unroll
-    for (int k = 0; k < KEEP; ++k) s_part[warp][tq][base + k] = acc[k];
+    for (int k = 0; k < KEEP; ++k) s_part[j & 1][warp][tq][base + k] = acc[k];
     __syncthreads();
-
-    for (int idx = tid; idx < G * T; idx += 128) {
-      const int g = idx / T, t = idx % T;
-      const int slice = t / 16, v = g * 16 + t % 16;
-      float s = ((s_part[0][slice][v] + s_part[1][slice][v]) + s_part[2][slice][v]) +
-                s_part[3][slice][v];
-      s *= scale;
-      const int tok = blk * T + t;
-      const bool valid = tok < n;
-      s_score[g][t] = valid ? s : -INFINITY;
-      if (valid) scores_out[(qhead + g) * ((long long)blocks_per_seq * T) + tok] = s;
-    }
-    __syncthreads();
-    for (int g = warp; g < G; g += 4) {
-      const long long at = (qhead + g) * blocks_per_seq + blk;
-      akv_block_stats(s_score[g], lane, blk, at, block_max, block_sum, block_arg);
-    }
+    const auto& part = s_part[j & 1];
+    akv_score_block_epilogue<G>(
+        [&](int w, int g, int t) { return part[w][t / 16][g * 16 + t % 16]; }, warp, lane, blk,
+        n, scale, scores_out, qhead, (long long)blocks_per_seq * T, blocks_per_seq, block_max,
+        block_sum, block_arg);
   }
 }
 
@@ -608,8 +595,10 @@ __device__ __forceinline__ void values(
        v_tier_map);                                                                          \
   }
 
-#define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G)                                    \
+// The trailing arguments are the scores kernel's __launch_bounds__ (the values kernel's are
+// `128`).
+#define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G, ...)                               \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G,                               \
-                         (akv3::scores<D, G, SCORE_STAGES>), 128)                            \
+                         (akv3::scores<D, G, SCORE_STAGES>), __VA_ARGS__)                    \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G,                               \
                          (akv3::values<D, G, VALUE_STAGES>), 128)

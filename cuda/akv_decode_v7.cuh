@@ -68,8 +68,8 @@ __device__ __forceinline__ void scores(
   __shared__ int s_amax[kMaxScoreSplit][G];
   // partial sums: row stride T + 1 and column t + t / 32, so that the fragment stores below
   // (lane (g8, tq) -> head 2tq + e, token 8 g8 + 2 mt) hit 32 distinct banks (docs/perf-notes.md)
-  __shared__ float s_part[4][G][T + 1];
-  __shared__ float s_score[G][T];
+  // (two buffers, alternating by block: see akv_score_block_epilogue)
+  __shared__ float s_part[2][4][G][T + 1];
 
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -127,12 +127,8 @@ __device__ __forceinline__ void scores(
     }
   }
   load_rest(0);                        // block 0's hi is in flight since the prologue
-  // the thread's score row and column in the epilogue; + r * srow2 (two heads on) + blk * T
-  constexpr int PER = (G * T + 127) / 128;
-  const long long srow = (long long)blocks_per_seq * T, srow2 = 2 * srow;
-  float* const sout = scores_out + (qhead + (tid >> 6)) * srow + (tid & (T - 1));
-  // the lane's partial-sum slot: head 2 tq (+ e), token 8 g8 (+ 2 mt + 0/1)
-  float* const sp = &s_part[warp][0][0] + 2 * tq * (T + 1) + 8 * g8 + (g8 >> 2);
+  // the lane's partial-sum slot in buffer 0: head 2 tq (+ e), token 8 g8 (+ 2 mt + 0/1)
+  float* const sp0 = &s_part[0][warp][0][0] + 2 * tq * (T + 1) + 8 * g8 + (g8 >> 2);
   for (int j = 0; j < count; ++j) {
     const int blk = first + j;
     float acc[4][4];
@@ -164,6 +160,7 @@ __device__ __forceinline__ void scores(
     }
     // this warp's quarter-channel sums: heads 2tq, 2tq+1 of tokens 8g8+2mt, +1
     // (column t + t / 32 = 8 g8 + g8 / 4 + 2 mt (+1): constant offsets from sp)
+    float* const sp = sp0 + (j & 1) * (4 * G * (T + 1));
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       if (G >= 8 || 2 * tq + e < G) {
@@ -175,25 +172,11 @@ __device__ __forceinline__ void scores(
       }
     }
     __syncthreads();
-    // the four channel quarters summed (fixed order) and scaled: entries tid + 128 r, i.e.
-    // head (tid >> 6) + 2 r, token tid & 63 (compile-time trip count)
-#pragma unroll
-    for (int r = 0; r < PER; ++r) {
-      const int g = (tid >> 6) + 2 * r, t = tid & (T - 1);
-      if ((G * T) % 128 == 0 || g < G) {
-        const int ct = t + (t >> 5);
-        float s = ((s_part[0][g][ct] + s_part[1][g][ct]) + s_part[2][g][ct]) + s_part[3][g][ct];
-        s *= scale;
-        const bool valid = blk * T + t < n;
-        s_score[g][t] = valid ? s : -INFINITY;
-        if (valid) sout[r * srow2 + blk * T] = s;
-      }
-    }
-    __syncthreads();
-    for (int g = warp; g < G; g += 4) {
-      const long long at = (qhead + g) * blocks_per_seq + blk;
-      akv_block_stats(s_score[g], lane, blk, at, block_max, block_sum, block_arg);
-    }
+    const auto& part = s_part[j & 1];
+    akv_score_block_epilogue<G>(
+        [&](int w, int g, int t) { return part[w][g][t + (t >> 5)]; }, warp, lane, blk, n, scale,
+        scores_out, qhead, (long long)blocks_per_seq * T, blocks_per_seq, block_max, block_sum,
+        block_arg);
   }
 }
 

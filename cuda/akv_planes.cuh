@@ -122,13 +122,13 @@ __device__ __forceinline__ int akv_warp_sum_int(int v) {
   return v;
 }
 
-// One warp: the maximum of a block's 64 scores (-inf marks tokens past the sequence end),
-// its first arg-max (as a token index of the sequence) and the sum of exp(s - max); lane 0
-// writes them at index `at` (reference.decode_attention's bmax, barg, bsum).
-__device__ __forceinline__ void akv_block_stats(const float* scores64, int lane, int blk,
-                                                long long at, float* block_max,
-                                                float* block_sum, int* block_arg) {
-  const float s0 = scores64[lane], s1 = scores64[lane + 32];
+// One warp: the maximum of a block's 64 scores (lane l holds tokens l and l + 32 in s0, s1;
+// -inf marks tokens past the sequence end), its first arg-max (as a token index of the
+// sequence) and the sum of exp(s - max); lane 0 writes them at index `at`
+// (reference.decode_attention's bmax, barg, bsum).
+__device__ __forceinline__ void akv_block_stats2(float s0, float s1, int lane, int blk,
+                                                 long long at, float* block_max,
+                                                 float* block_sum, int* block_arg) {
   const float m = akv_warp_max(fmaxf(s0, s1));
   int arg = s0 == m ? lane : (s1 == m ? lane + 32 : AKV_BLOCK_TOKENS);
 #pragma unroll
@@ -140,5 +140,43 @@ __device__ __forceinline__ void akv_block_stats(const float* scores64, int lane,
     block_max[at] = m;
     block_sum[at] = e;
     block_arg[at] = blk * AKV_BLOCK_TOKENS + (arg < AKV_BLOCK_TOKENS ? arg : 0);
+  }
+}
+
+// The same from a shared row of 64 scores.
+__device__ __forceinline__ void akv_block_stats(const float* scores64, int lane, int blk,
+                                                long long at, float* block_max,
+                                                float* block_sum, int* block_arg) {
+  akv_block_stats2(scores64[lane], scores64[lane + 32], lane, blk, at, block_max, block_sum,
+                   block_arg);
+}
+
+// The per-block epilogue of the split scores kernels (versions 3-7), once the four warps'
+// partial sums of block `blk` are in shared memory and the CTA has synchronised: warp w
+// takes heads w, w + 4, ...; lane l tokens l and l + 32. It sums the four partials in a
+// fixed order (part(w', g, t) reads warp w''s partial for head g, token t), scales,
+// stores each valid score at scores_out[(qhead + g) * srow + blk * 64 + t] and writes the
+// block's statistics: no shared score row and no second barrier (the kernels alternate two
+// partial-sum buffers so that the next block's stores cannot overtake these reads;
+// docs/perf-notes.md, sixth session).
+template <int G, class Part>
+__device__ __forceinline__ void akv_score_block_epilogue(
+    Part&& part, int warp, int lane, int blk, int n, float scale, float* scores_out,
+    long long qhead, long long srow, int blocks_per_seq, float* block_max, float* block_sum,
+    int* block_arg) {
+  constexpr int T = AKV_BLOCK_TOKENS;
+  for (int g = warp; g < G; g += 4) {
+    float s[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int t = lane + 32 * k;
+      float v = ((part(0, g, t) + part(1, g, t)) + part(2, g, t)) + part(3, g, t);
+      v *= scale;
+      const bool valid = blk * T + t < n;
+      if (valid) scores_out[(qhead + g) * srow + (long long)blk * T + t] = v;
+      s[k] = valid ? v : -INFINITY;
+    }
+    akv_block_stats2(s[0], s[1], lane, blk, (qhead + g) * blocks_per_seq + blk, block_max,
+                     block_sum, block_arg);
   }
 }
