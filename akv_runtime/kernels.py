@@ -36,15 +36,14 @@ def default_decode_version(group: int) -> int:
     """The decode kernel version a cache of GQA group size ``group`` (query heads per KV
     head) runs unless $AKV_DECODE_VERSION says otherwise: 3 for MHA, 7 for every GQA group.
 
-    Measured on the H200 (docs/perf-notes.md and docs/benchmarks.md, 2026-11-29, `python -m
-    akv_runtime.bench --quick --versions 3,6,7` and `--case llama3-70b:...`): MHA (group 1)
-    is fastest on version 3 (versions 6 and 7 are 7-23 % slower at 8 x 16k). Version 7
-    (tensor cores for q·Kᵀ and p·V) is the fastest version at every GQA shape timed at
-    batch >= 8, in the same runs: groups of 3 (SmolLM2, 8 x 2k: 0.024 ms against version 3's
-    0.030), 4 (Llama-3-8B, 8 x 16k: 0.218 against 0.266) and 8 (Llama-3-70B's shape,
-    8 x 16k: 0.278 against 0.493); at batch 1 it ties or wins (SmolLM2 1 x 4k: 0.0186
-    against 0.0183). Groups 2 and 5-7 run it too (GPU tests cover 2, 3, 4, 6, 7 and 8; no
-    timing at 2, 5-7).
+    Measured on the H200 (docs/perf-notes.md and docs/benchmarks.md, 2026-11-29, sixth
+    session, `python -m akv_runtime.bench --case ... --versions 3,7 --rule tuned`): MHA
+    (group 1) is fastest on version 3 (version 7: 0.475 against 0.439 ms at 8 x 16k, 0.036
+    against 0.034 at 1 x 4k). Version 7 (tensor cores for q·Kᵀ and p·V) is the fastest
+    version at every GQA shape timed, in the same runs: groups of 3 (SmolLM2, 8 x 16k: 0.056
+    ms against version 3's 0.067), 4 (Llama-3-8B, 8 x 16k: 0.178 against 0.256; 1 x 4k:
+    0.026 against 0.028) and 8 (Llama-3-70B's shape, 8 x 16k: 0.240 against 0.460). Groups 2
+    and 5-7 run it too (GPU tests cover 2, 3, 4, 6, 7 and 8; no timing at 2, 5-7).
     """
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
