@@ -127,8 +127,9 @@ __device__ __forceinline__ void scores(
     }
   }
   load_rest(0);                        // block 0's hi is in flight since the prologue
-  // the lane's partial-sum slot in buffer 0: head 2 tq (+ e), token 8 g8 (+ 2 mt + 0/1)
-  float* const sp0 = &s_part[0][warp][0][0] + 2 * tq * (T + 1) + 8 * g8 + (g8 >> 2);
+  // the lane's partial-sum slot in buffer 0: head 2 tq (+ e), token 8 g8 (+ 2 mt + 0/1);
+  // lanes whose heads are past G store nothing, and their row is clamped into the array
+  float* const sp0 = &s_part[0][warp][0][0] + min(2 * tq, G - 1) * (T + 1) + 8 * g8 + (g8 >> 2);
   for (int j = 0; j < count; ++j) {
     const int blk = first + j;
     float acc[4][4];

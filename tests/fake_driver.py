@@ -53,8 +53,10 @@ def _expand(text: str, macros: dict, depth: int = 0) -> str:
         values = dict(zip(named, args))
         if "..." in params:
             values["__VA_ARGS__"] = ", ".join(args[len(named):])
-        for name, value in values.items():
-            body = re.sub(rf"(?:##)?\b{name}\b(?:##)?", lambda _m, v=value: v, body)
+        if values:   # every parameter in one pass: an argument is never substituted again
+            alternation = "|".join(map(re.escape, values))
+            body = re.sub(rf"(?:##)?\b({alternation})\b(?:##)?",
+                          lambda found: values[found.group(1)], body)
         out.append(text[pos:m.start()])
         out.append(_expand(body.replace("##", ""), macros, depth + 1))
         pos = end
@@ -67,13 +69,16 @@ def parse_kernel_signatures(source: str) -> dict:
     included, through nested and variadic macros) to its parameter kinds: 'ptr' (8 bytes),
     'i64', 'i32' or 'f32'."""
     text = source.replace("\\\n", "\n")
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", text, flags=re.S)   # comments name no kernels
     macros = {}
     define = re.compile(r"#define\s+(\w+)\(([\w\s,.]*)\)(.*?)(?=\n\w|\n#|\n//|\Z)", re.S)
     for m in define.finditer(text):
         macros[m.group(1)] = ([p.strip() for p in m.group(2).split(",")], m.group(3))
     expanded = _expand(define.sub("", text), macros)
     sigs = {}
-    for m in re.finditer(r'extern "C" __global__ void(?:\s+__launch_bounds__\([\w\s,]+\))?\s+'
+    found = re.findall(r'extern "C" __global__', expanded)
+    for m in re.finditer(r'extern "C" __global__ void'
+                         r"(?:\s+__launch_bounds__\((?:[^()]|\([^()]*\))*\))?\s+"
                          r"(akv_\w+)\((.*?)\)\s*\{", expanded, re.S):
         kinds = []
         for p in m.group(2).split(","):
@@ -89,6 +94,8 @@ def parse_kernel_signatures(source: str) -> dict:
             else:
                 raise ValueError(f"unparsed parameter {p!r} of {m.group(1)}")
         sigs[m.group(1)] = kinds
+    if len(found) != len(sigs):
+        raise ValueError(f"{len(found)} kernel entry points in the sources, {len(sigs)} parsed")
     return sigs
 
 

@@ -139,7 +139,8 @@ SKIPPING = R.AlignmentRule(name="skip-test", v_skip=8)    # aggressive: with the
                                                 (128, 8, 32, 1, 700, False),
                                                 (64, 2, 12, 1, 600, True),     # group 6
                                                 (128, 2, 4, 2, 900, True),     # group 2
-                                                (64, 1, 7, 1, 500, False)])    # group 7
+                                                (64, 1, 7, 1, 500, False),     # group 7
+                                                (128, 1, 5, 1, 650, False)])   # group 5
 @pytest.mark.parametrize("split", [None, 3, 8, (13, 5)],
                          ids=["auto", "split3", "split8", "split13_5"])
 def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, split):
