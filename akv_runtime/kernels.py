@@ -38,12 +38,15 @@ def default_decode_version(group: int) -> int:
 
     Measured on the H200 (docs/perf-notes.md and docs/benchmarks.md, 2026-11-29, sixth
     session, `python -m akv_runtime.bench --case ... --versions 3,7 --rule tuned`): MHA
-    (group 1) is fastest on version 3 (version 7: 0.475 against 0.439 ms at 8 x 16k, 0.036
-    against 0.034 at 1 x 4k). Version 7 (tensor cores for q·Kᵀ and p·V) is the fastest
-    version at every GQA shape timed, in the same runs: groups of 3 (SmolLM2, 8 x 16k: 0.056
-    ms against version 3's 0.067), 4 (Llama-3-8B, 8 x 16k: 0.178 against 0.256; 1 x 4k:
-    0.026 against 0.028) and 8 (Llama-3-70B's shape, 8 x 16k: 0.240 against 0.460). Groups 2
-    and 5-7 run it too (GPU tests cover 2, 3, 4, 6, 7 and 8; no timing at 2, 5-7).
+    (group 1) is fastest on version 3 at every MHA shape of the grid but one (version 7:
+    0.475 against 0.439 ms at 8 x 16k, 0.036 against 0.034 at 1 x 4k; at 8 x 32k, whose
+    timings are bimodal between runs, one grid had version 7 ahead, 0.911 against 0.951).
+    Version 7 (tensor cores for q·Kᵀ and p·V) is the fastest version at every GQA shape
+    timed at batch >= 8, in the same runs: groups of 3 (SmolLM2, 8 x 16k: 0.056 ms against
+    version 3's 0.067), 4 (Llama-3-8B, 8 x 16k: 0.178 against 0.256) and 8 (Llama-3-70B's
+    shape, 8 x 16k: 0.240 against 0.460); at batch 1 it wins or ties except SmolLM2 1 x 16k
+    (0.0310 against 0.0283). Groups 2 and 5-7 run it too (GPU tests cover 2-8; no timing at
+    2, 5-7).
     """
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
