@@ -595,10 +595,15 @@ __device__ __forceinline__ void values(
        v_tier_map);                                                                          \
   }
 
-// The trailing arguments are the scores kernel's __launch_bounds__ (the values kernel's are
-// `128`).
-#define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G, ...)                               \
+// Minimum CTAs per SM of version 3's register-path scores kernel (akv3::scores without
+// stages: versions 3, 5 and 6): 6 at head_dim 128, group 1 (MHA), where it would otherwise
+// take 96 registers and run 5 CTAs per SM, 7 % slower (docs/perf-notes.md, sixth session);
+// elsewhere 0, which ptxas treats as no minimum (the same SASS as `__launch_bounds__(128)`).
+#define AKV3_SCORE_MINB(STAGES, D, G) (STAGES == 0 && D == 128 && G == 1 ? 6 : 0)
+
+#define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G)                                    \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G,                               \
-                         (akv3::scores<D, G, SCORE_STAGES>), __VA_ARGS__)                    \
+                         (akv3::scores<D, G, SCORE_STAGES>), 128,                            \
+                         AKV3_SCORE_MINB(SCORE_STAGES, D, G))                                \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G,                               \
                          (akv3::values<D, G, VALUE_STAGES>), 128)

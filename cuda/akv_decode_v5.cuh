@@ -249,9 +249,8 @@ __device__ __forceinline__ void values(
 }  // namespace akv5
 
 // Version 5 entry points: version 3's scores kernel, the tensor-core values kernel.
-// The trailing arguments are the scores kernel's __launch_bounds__, as for version 3.
-#define AKV5_ENTRIES(V, MINB, WS, D, G, ...)                                                 \
-  AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G, (akv3::scores<D, G, 0>),      \
-                         __VA_ARGS__)                                                        \
+#define AKV5_ENTRIES(V, MINB, WS, D, G)                                                      \
+  AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G, (akv3::scores<D, G, 0>), 128, \
+                         AKV3_SCORE_MINB(0, D, G))                                           \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G, (akv5::values<D, G, WS>),      \
                          128, MINB)
