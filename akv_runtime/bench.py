@@ -4,7 +4,8 @@ Times, in one run on the same data, torch SDPA (cuDNN and flash backends), plain
 attention, our ``full`` mode and our ``aligned`` mode, plus a device-to-device copy for the
 bandwidth ceiling; reports ms (median of CUDA-graph replays), the speed-up against cuDNN, the
 bytes our kernels read (their own counters), bits per value, effective bandwidth and its
-fraction of the copy bandwidth. Buffers rotate over up to 8 layers so that repeated calls
+fraction of the copy bandwidth, and the GPU time of appending one decode token to a layer
+over one layer's aligned attention (:func:`append_graph_ms`). Buffers rotate over up to 8 layers so that repeated calls
 read four times the L2 (60 MB) where 8 layers suffice; the smallest shapes (SmolLM2 at 1 x 4k:
 8 x 3 MB) stay partly L2-resident, for every column alike. Prints a short table last and
 writes JSON. The kernel versions timed are --versions plus each shape's default;
@@ -78,6 +79,60 @@ def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
         times.append(start.elapsed_time(end) / reps)
     del graph
     return statistics.median(times)
+
+
+def append_graph_ms(torch, cache, k, v, reps: int = 16) -> float:
+    """GPU time (ms) of appending one decode token (``k``, ``v``: float16 [batch, kv_heads,
+    1, head_dim], torch) to one layer of ``cache``: the median of 7 replays of a CUDA graph
+    that appends it to every layer ``reps`` times, less a graph of the same shape without the
+    appends, divided by ``reps * num_layers``.
+
+    Each round of the graph ends by copying the saved device lengths back, so every replay
+    writes the same position (the cache needs one free token per layer; its host-side
+    lengths are restored afterwards). So the time is the append kernel's own,
+    without Python's launch overhead, which a decode step captured in a graph does not pay
+    either."""
+    lengths = torch.from_dlpack(cache._backend.ws["lengths"])    # int32 [layers, batch]
+    saved, host = lengths.clone(), cache._lengths.copy()
+    layers = range(cache.num_layers)
+
+    def round_(append: bool):
+        if append:
+            for layer in layers:
+                cache.append(layer, k, v)
+        lengths.copy_(saved)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = {}
+    for append in (True, False):
+        with torch.cuda.stream(stream):
+            round_(append)                              # warm-up: launch plans, module
+        torch.cuda.synchronize()
+        cache._lengths[:] = host
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(reps):
+                round_(append)
+        cache._lengths[:] = host
+        graphs[append] = graph
+    torch.cuda.synchronize()
+    ms = {}
+    for append, graph in graphs.items():
+        graph.replay()
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms[append] = statistics.median(times)
+    if not torch.equal(lengths, saved):
+        raise RuntimeError("append timing: the device lengths were not restored")
+    del graphs
+    return max(0.0, ms[True] - ms[False]) / (reps * cache.num_layers)
 
 
 def copy_bandwidth(torch, nbytes: int = 2 << 30) -> float:
@@ -203,22 +258,11 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
             result[f"{mode}_fraction_of_copy"] = total / (t * 1e-3) / copy_bw
             if base:
                 result[f"{mode}_speedup_vs_sdpa"] = base / t
-    # appending one decode token (per layer) against one layer's decode attention: the
-    # median of 9 event-timed appends into the spare block (the host issues them one by one,
-    # so this includes launch overhead; the time is the GPU's)
+    # appending one decode token to every layer against one layer's decode attention
     one_k = ks[0][:, :, :1].clone()
     one_v = vs[0][:, :, :1].clone()
     del ks, vs
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(9):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        cache.append(0, one_k, one_v)
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    result["append_one_token_ms"] = statistics.median(samples)
+    result["append_one_token_ms"] = append_graph_ms(torch, cache, one_k, one_v)
     if times.get("akv_aligned"):
         result["append_over_attention"] = result["append_one_token_ms"] / times["akv_aligned"]
     cache.close()
@@ -236,7 +280,7 @@ def format_table(rows, copy_bw) -> str:
     vcols = "".join(f" {'algn v' + str(v):>7}" for v in versions)
     head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7}{vcols} "
             f"{'v':>2} {'full':>7} {'aligned':>8} "
-            f"{'x cudnn':>8} {'x eager':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6}")
+            f"{'x cudnn':>8} {'x eager':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6} {'append':>7}")
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
              "-" * len(head)]
     fmt = lambda v: f"{v:7.3f}" if v else "    n/a"  # noqa: E731
@@ -254,7 +298,8 @@ def format_table(rows, copy_bw) -> str:
             f"{(t['eager'] / t['akv_aligned']) if t.get('eager') and t.get('akv_aligned') else 0:8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "
             f"{r.get('aligned_bandwidth_TBps', 0):6.2f} "
-            f"{100 * r.get('aligned_fraction_of_copy', 0):5.0f}%")
+            f"{100 * r.get('aligned_fraction_of_copy', 0):5.0f}% "
+            f"{100 * r.get('append_over_attention', 0):6.1f}%")
     return "\n".join(lines)
 
 

@@ -22,7 +22,6 @@ from .memory import DeviceArray, allocate_arrays
 SCORE_THREADS = 128
 ESTIMATE_THREADS = 256
 VALUE_THREADS = 128
-ADVANCE_THREADS = 128
 #: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
 #: 3 and 4, cuda/akv_decode_v5.cuh: 5 and 6, cuda/akv_decode_v7.cuh: 7); $AKV_DECODE_VERSION
 #: picks one for benchmarks and tests. docs/perf-notes.md compares them. Version 4 exists for
@@ -151,7 +150,6 @@ class CudaBackend:
                             f"cubin {self.module.arch})")
         fn = self.module.function
         self.k_append = fn("akv_append")
-        self.k_advance = fn("akv_advance")
         self.k_estimate = fn("akv_decode_estimate")
         self.k_combine = fn("akv_decode_combine")
         group = cache.num_query_heads // cache.num_kv_heads
@@ -169,6 +167,8 @@ class CudaBackend:
         specs = dict(Workspace(cache.batch_size, cache.num_query_heads, cache.head_dim,
                                cache.blocks_per_sequence).shapes())
         specs["lengths"] = ((cache.num_layers, cache.batch_size), np.int32)
+        # akv_append's per-sequence arrival counts (zero between launches, cuda/akv.cu)
+        specs["append_arrive"] = ((cache.num_layers, cache.batch_size), np.int32)
         specs["block_table"] = (cache.block_table.shape, np.int32)
         specs["counters"] = ((len(COUNTER_NAMES),), np.uint64)
         self._ws_buffer, self.ws = allocate_arrays(self.dev, specs)
@@ -260,11 +260,9 @@ class CudaBackend:
         for slot, value in zip(plan.strides, k_info.strides[:3] + v_info.strides[:3]):
             slot.value = value
         driver.launch_packed(self.k_append, (blocks_for(S) + 1, Hk, B), (D,), plan.append, s)
-        driver.launch_packed(self.k_advance, (-(-B // ADVANCE_THREADS),), (ADVANCE_THREADS,),
-                             plan.advance, s)
 
     def _append_plan(self, layer):
-        """Packed arguments of ``akv_append``/``akv_advance`` for one layer; the per-call
+        """Packed arguments of ``akv_append`` for one layer; the per-call
         values (K/V pointers and strides, token count) are rewritten by :meth:`append`."""
         cache = self.cache
         plan = _DecodePlan()
@@ -274,10 +272,10 @@ class CudaBackend:
         lengths = ptr(self._lengths_ptr(layer))
         plan.pack("append", [
             plan.k_ptr, plan.v_ptr, *plan.strides, plan.count, lengths,
+            ptr(self.ws["append_arrive"].ptr + layer * cache.batch_size * 4),
             ptr(self.ws["block_table"].ptr), i32(cache.blocks_per_sequence),
             p["k_hi"], p["k_mid"], p["k_lo"], p["v_hi"], p["v_mid"], p["v_lo"],
             p["k_exp_max"], p["v_exp_max"], i32(cache.num_kv_heads), i32(cache.head_dim)])
-        plan.pack("advance", [lengths, i32(cache.batch_size), plan.count])
         return plan
 
     # ------------------------------------------------------------------ attend
@@ -422,6 +420,7 @@ class CudaBackend:
     def reset_lengths(self):
         driver.synchronize()
         driver.memset8(self.ws["lengths"].ptr, 0, self.ws["lengths"].nbytes)
+        driver.memset8(self.ws["append_arrive"].ptr, 0, self.ws["append_arrive"].nbytes)
         driver.synchronize()
 
     def close(self):

@@ -15,18 +15,23 @@
 #include "akv_planes.cuh"
 
 // ----------------------------------------------------------------------------- append
-// akv_append: write `num_new` new tokens of every sequence into the planes of one layer.
+// akv_append: write `num_new` new tokens of every sequence into the planes of one layer, and
+// advance lengths[b] by num_new.
 // grid (touched blocks per sequence = ceil(num_new/64) + 1, Hk, B); block (D) threads.
 // CTA (j, h, b) owns logical block first_block(b) + j of KV head h, so every byte it writes
 // (including nibble bytes shared by two tokens) is written by exactly one thread.
 // Thread d: K channel d (hi bytes, nibble pairs, exponent max); V channel d (hi byte,
 // exponent max) and, for d < D/2, V nibble byte d of every new token.
 // Inputs k, v: fp16 [B, Hk, S, D] with element strides (sb, sh, ss) and d contiguous.
-// lengths[b]: tokens before this append (the runtime advances it afterwards, akv_advance).
+// lengths[b]: tokens before this append. Every CTA of sequence b reads it, then counts itself
+// in arrive[b] (int32, zero between launches); the last CTA of b to arrive, when no CTA of b
+// can still read it, writes lengths[b] + num_new and sets arrive[b] back to zero (the "last
+// block" pattern of the CUDA threadFenceReduction sample). One launch per append, not two:
+// a decode token's append was two launches of ~1.7 us each (docs/perf-notes.md).
 extern "C" __global__ void akv_append(
     const __half* __restrict__ k, const __half* __restrict__ v,
     long long k_sb, long long k_sh, long long k_ss, long long v_sb, long long v_sh,
-    long long v_ss, int num_new, const int* __restrict__ lengths,
+    long long v_ss, int num_new, int* __restrict__ lengths, int* __restrict__ arrive,
     const int* __restrict__ block_table, int blocks_per_seq, uint8_t* __restrict__ k_hi,
     uint8_t* __restrict__ k_mid, uint8_t* __restrict__ k_lo, uint8_t* __restrict__ v_hi,
     uint8_t* __restrict__ v_mid, uint8_t* __restrict__ v_lo, uint8_t* __restrict__ k_exp,
@@ -36,65 +41,68 @@ extern "C" __global__ void akv_append(
   const int blk = start / AKV_BLOCK_TOKENS + blockIdx.x;
   const int lo_tok = max(start, blk * AKV_BLOCK_TOKENS);
   const int hi_tok = min(start + num_new, (blk + 1) * AKV_BLOCK_TOKENS);
-  if (lo_tok >= hi_tok || d >= D) return;
-  const int phys = block_table[(long long)b * blocks_per_seq + blk];
-  const long long head = (long long)phys * num_kv_heads + h;
-  const int off0 = lo_tok - blk * AKV_BLOCK_TOKENS, off1 = hi_tok - blk * AKV_BLOCK_TOKENS;
-  const unsigned short* kb = reinterpret_cast<const unsigned short*>(k) + b * k_sb + h * k_sh;
-  const unsigned short* vb = reinterpret_cast<const unsigned short*>(v) + b * v_sb + h * v_sh;
-
-  // K, channel d: hi bytes and exponent max
-  uint8_t* khi = k_hi + (head * D + d) * AKV_BLOCK_TOKENS;
-  int emax = 0;
-  for (int off = off0; off < off1; ++off) {
-    const uint32_t bits = kb[(long long)(blk * AKV_BLOCK_TOKENS + off - start) * k_ss + d];
-    khi[off] = bits >> 8;
-    emax = max(emax, akv_exp_field_hi(bits >> 8));
-  }
-  uint8_t* kexp = k_exp + head * D + d;
-  *kexp = (uint8_t)max(off0 == 0 ? 0 : (int)*kexp, emax);
-  // K nibble bytes: token pair (2p, 2p+1); keep the neighbour's nibble when it is not new
-  uint8_t* kmid = k_mid + (head * D + d) * (AKV_BLOCK_TOKENS / 2);
-  uint8_t* klo = k_lo + (head * D + d) * (AKV_BLOCK_TOKENS / 2);
-  for (int p = off0 / 2; p <= (off1 - 1) / 2; ++p) {
-    uint32_t mid = kmid[p], lo = klo[p];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int off = 2 * p + half;
-      if (off < off0 || off >= off1) continue;
+  if (lo_tok < hi_tok && d < D) {
+    const int phys = block_table[(long long)b * blocks_per_seq + blk];
+    const long long head = (long long)phys * num_kv_heads + h;
+    const int off0 = lo_tok - blk * AKV_BLOCK_TOKENS, off1 = hi_tok - blk * AKV_BLOCK_TOKENS;
+    const unsigned short* kb = reinterpret_cast<const unsigned short*>(k) + b * k_sb + h * k_sh;
+    const unsigned short* vb = reinterpret_cast<const unsigned short*>(v) + b * v_sb + h * v_sh;
+    // K, channel d: hi bytes and exponent max
+    uint8_t* khi = k_hi + (head * D + d) * AKV_BLOCK_TOKENS;
+    int emax = 0;
+    for (int off = off0; off < off1; ++off) {
       const uint32_t bits = kb[(long long)(blk * AKV_BLOCK_TOKENS + off - start) * k_ss + d];
-      const int shift = 4 * half;
-      mid = (mid & ~(0xFu << shift)) | (((bits >> 4) & 0xF) << shift);
-      lo = (lo & ~(0xFu << shift)) | ((bits & 0xF) << shift);
+      khi[off] = bits >> 8;
+      emax = max(emax, akv_exp_field_hi(bits >> 8));
     }
-    kmid[p] = mid;
-    klo[p] = lo;
-  }
+    uint8_t* kexp = k_exp + head * D + d;
+    *kexp = (uint8_t)max(off0 == 0 ? 0 : (int)*kexp, emax);
+    // K nibble bytes: token pair (2p, 2p+1); keep the neighbour's nibble when it is not new
+    uint8_t* kmid = k_mid + (head * D + d) * (AKV_BLOCK_TOKENS / 2);
+    uint8_t* klo = k_lo + (head * D + d) * (AKV_BLOCK_TOKENS / 2);
+    for (int p = off0 / 2; p <= (off1 - 1) / 2; ++p) {
+      uint32_t mid = kmid[p], lo = klo[p];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int off = 2 * p + half;
+        if (off < off0 || off >= off1) continue;
+        const uint32_t bits = kb[(long long)(blk * AKV_BLOCK_TOKENS + off - start) * k_ss + d];
+        const int shift = 4 * half;
+        mid = (mid & ~(0xFu << shift)) | (((bits >> 4) & 0xF) << shift);
+        lo = (lo & ~(0xFu << shift)) | ((bits & 0xF) << shift);
+      }
+      kmid[p] = mid;
+      klo[p] = lo;
+    }
 
-  // V, channel d: hi bytes and exponent max; channel pair d (< D/2): nibble bytes
-  uint8_t* vhi = v_hi + head * AKV_BLOCK_TOKENS * D;
-  uint8_t* vmid = v_mid + head * AKV_BLOCK_TOKENS * (D / 2);
-  uint8_t* vlo = v_lo + head * AKV_BLOCK_TOKENS * (D / 2);
-  emax = 0;
-  for (int off = off0; off < off1; ++off) {
-    const unsigned short* row = vb + (long long)(blk * AKV_BLOCK_TOKENS + off - start) * v_ss;
-    const uint32_t bits = row[d];
-    vhi[off * D + d] = bits >> 8;
-    emax = max(emax, akv_exp_field_hi(bits >> 8));
-    if (d < D / 2) {
-      const uint32_t e = row[2 * d], o = row[2 * d + 1];
-      vmid[off * (D / 2) + d] = ((e >> 4) & 0xF) | (((o >> 4) & 0xF) << 4);
-      vlo[off * (D / 2) + d] = (e & 0xF) | ((o & 0xF) << 4);
+    // V, channel d: hi bytes and exponent max; channel pair d (< D/2): nibble bytes
+    uint8_t* vhi = v_hi + head * AKV_BLOCK_TOKENS * D;
+    uint8_t* vmid = v_mid + head * AKV_BLOCK_TOKENS * (D / 2);
+    uint8_t* vlo = v_lo + head * AKV_BLOCK_TOKENS * (D / 2);
+    emax = 0;
+    for (int off = off0; off < off1; ++off) {
+      const unsigned short* row = vb + (long long)(blk * AKV_BLOCK_TOKENS + off - start) * v_ss;
+      const uint32_t bits = row[d];
+      vhi[off * D + d] = bits >> 8;
+      emax = max(emax, akv_exp_field_hi(bits >> 8));
+      if (d < D / 2) {
+        const uint32_t e = row[2 * d], o = row[2 * d + 1];
+        vmid[off * (D / 2) + d] = ((e >> 4) & 0xF) | (((o >> 4) & 0xF) << 4);
+        vlo[off * (D / 2) + d] = (e & 0xF) | ((o & 0xF) << 4);
+      }
+    }
+    uint8_t* vexp = v_exp + head * D + d;
+    *vexp = (uint8_t)max(off0 == 0 ? 0 : (int)*vexp, emax);
+  }
+  // every thread of this CTA has read lengths[b]: now the CTA counts itself
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&arrive[b], 1) == gridDim.x * gridDim.y - 1) {
+      lengths[b] = start + num_new;
+      arrive[b] = 0;
     }
   }
-  uint8_t* vexp = v_exp + head * D + d;
-  *vexp = (uint8_t)max(off0 == 0 ? 0 : (int)*vexp, emax);
-}
-
-// akv_advance: lengths[b] += num_new, after akv_append on the same stream.
-extern "C" __global__ void akv_advance(int* __restrict__ lengths, int batch, int num_new) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b < batch) lengths[b] += num_new;
 }
 
 // ---------------------------------------------------------------------- decode: scores

@@ -115,7 +115,7 @@ def test_pack_args_round_trips_through_void_pointers():
 
 def test_signatures_parse_every_entry_point():
     sigs = parse_kernel_signatures(cuda_sources())
-    assert {"akv_append", "akv_advance", "akv_decode_scores_d64", "akv_decode_scores_d128",
+    assert {"akv_append", "akv_decode_scores_d64", "akv_decode_scores_d128",
             "akv_decode_estimate", "akv_decode_values_d64", "akv_decode_values_d128",
             "akv_decode_combine"} <= set(sigs)
     for D in (64, 128):
@@ -160,21 +160,22 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     k = _info((B, Hk, S, D), (S * Hk * D, D, Hk * D, 1), 0x10000)
     v = _info((B, Hk, S, D), (S * Hk * D, D, Hk * D, 1), 0x20000)
     backend.append(1, k, v, np.zeros(B, np.int64), 0x55)
-    append, advance = fake.launches[-2:]
+    append = fake.launches[-1]
     sig = fake.signatures["akv_append"]
     assert len(append["args"]) == len(sig)
     assert append["name"] == "akv_append" and append["stream"] == 0x55
     assert append["grid"] == (-(-S // BLOCK_TOKENS) + 1, Hk, B) and append["block"] == (D, 1, 1)
     assert append["args"][:8] == [0x10000, 0x20000, S * Hk * D, D, Hk * D, S * Hk * D, D, Hk * D]
     assert append["args"][8] == S
-    assert append["args"][9] == backend._lengths_ptr(1)
-    assert advance["name"] == "akv_advance" and advance["args"][1:] == [B, S]
+    assert append["args"][9] == backend._lengths_ptr(1)           # advanced by the kernel
+    assert append["args"][10] == backend.ws["append_arrive"].ptr + B * 4   # layer 1's counts
     # a decode-token append reuses the packed arguments with the new pointers and strides
     k1 = _info((B, Hk, 1, D), (Hk * D, D, Hk * D, 1), 0x70000)
+    launches = len(fake.launches)                                   # one launch per append
     backend.append(1, k1, k1, np.full(B, S), 0x55)
-    assert fake.launches[-2]["args"][:9] == [0x70000, 0x70000, Hk * D, D, Hk * D, Hk * D, D,
+    assert fake.launches[-1]["args"][:9] == [0x70000, 0x70000, Hk * D, D, Hk * D, Hk * D, D,
                                              Hk * D, 1]
-    assert fake.launches[-2]["grid"] == (2, Hk, B) and fake.launches[-1]["args"][2] == 1
+    assert fake.launches[-1]["grid"] == (2, Hk, B) and len(fake.launches) == launches + 1
     cache._lengths[1] = S
     # decode attention: four launches with the right geometry
     q = _info((B, Hq, D), (Hq * D, D, 1), 0x30000)

@@ -71,6 +71,11 @@ def test_append_planes_match_reference_bytes(rng, D, Hk, Hq, paged):
             assert np.array_equal(kg.view(np.uint16), kc.view(np.uint16))
             assert np.array_equal(vg.view(np.uint16), vc.view(np.uint16))
     assert np.array_equal(gpu.lengths(), cpu.lengths())
+    # the kernel advanced the device lengths itself (its last CTA per sequence) and left its
+    # arrival counts at zero for the next launch
+    ws = gpu._backend.ws
+    assert np.array_equal(torch.from_dlpack(ws["lengths"]).cpu().numpy(), cpu.lengths())
+    assert not torch.from_dlpack(ws["append_arrive"]).cpu().numpy().any()
 
 
 def test_strided_torch_input_is_read_in_place(rng):
