@@ -298,11 +298,14 @@ __device__ __forceinline__ void scores(
 // split of `count` blocks from block `first` of sequence b, KV head h. Fills s_phys
 // (physical blocks), s_special (the block holds an exponent maximum of 31), s_tier (each
 // token's V tier, 0 = not read) and hands each token's softmax weights p[G] (of the group's
-// query heads, fp32, p = exp(s - m) / l) to emit(t, j, tier, p) for t in [0, count*T), block
+// query heads, fp32, p = exp(s - m) · (1/l), within an ulp of exp(s - m) / l) to
+// emit(t, j, tier, p) for t in [0, count*T), block
 // j = t / T of the split. V tier rule: DESIGN.md section 4, docs/design.md. The global loads
 // go out in two dependent rounds, {O_est, block table, scores, softmax statistics} and then
 // {V exponent maxima}, so a CTA waits two memory round trips, not three, before its first
-// plane load (docs/perf-notes.md). Adds the split's V bytes to `counters`. Ends synchronised.
+// plane load (docs/perf-notes.md); the exponent maxima go to registers of the threads that
+// reduce them, with no shared copy. Adds the split's V bytes to `counters`. Ends
+// synchronised.
 template <int D, int G, int MS, class Emit>
 __device__ __forceinline__ void value_prologue(
     int b, int h, int n, int first, int count, const int* __restrict__ block_table,
@@ -310,7 +313,7 @@ __device__ __forceinline__ void value_prologue(
     int t8, int t12, int skip, int bias, const float* __restrict__ scores_in,
     const float* __restrict__ stats, const float* __restrict__ o_est,
     unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map,
-    int (&s_eo)[G][D], uint8_t (&s_vexp)[MS][D], int (&s_phys)[MS], int (&s_r)[MS][G],
+    int (&s_eo)[G][D], int (&s_phys)[MS], int (&s_r)[MS][G],
     int (&s_special)[MS], uint8_t (&s_tier)[MS * AKV_BLOCK_TOKENS], Emit&& emit) {
   constexpr int T = AKV_BLOCK_TOKENS, TPT = (MS * T + 127) / 128;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -335,31 +338,55 @@ __device__ __forceinline__ void value_prologue(
     const int g = idx / D, d = idx % D;
     s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
   }
-  if (tid < count) {
-    s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
-    s_special[tid] = 0;
-  }
+  if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
   __syncthreads();
-  // round 2: the V exponent maxima of the split's blocks
-  for (int idx = tid; idx < count * D; idx += 128) {
-    const int j = idx / D, d = idx % D;
-    const int ev = v_exp[((long long)s_phys[j] * num_kv_heads + h) * D + d];
-    s_vexp[j][d] = ev;
-    if (ev == AKV_SPECIAL_EXPONENT) s_special[j] = 1;
-  }
-  __syncthreads();
-  for (int jg = warp; jg < count * G; jg += 4) {
-    const int j = jg / G, g = jg % G;
-    int r = 0x7fffffff;
-    for (int d = lane; d < D; d += 32) {
-      const int ev = s_vexp[j][d];
-      r = min(r, s_eo[g][d] - ((ev < 1 ? 1 : ev) - 15));
+  {
+    // round 2: the V exponent maxima, 16 threads per block j of the split (tid = 16 j +
+    // slice), D/16 consecutive channels each in one load, straight into registers; then
+    // r[j][g] = min_d (E(O_est[g][d]) - (max(ev[j][d], 1) - 15)) + bias, the min over the
+    // 16 (lanes that differ in bits 0-3: every lane takes part in the shuffles)
+    constexpr int DS = D / 16;
+    static_assert(MS * 16 == 128, "16 threads per block of the split");
+    static_assert(DS == 4 || DS == 8, "head_dim 64 or 128");
+    const int j = tid >> 4, d0 = (tid & 15) * DS;
+    uint32_t w[DS / 4];
+#pragma unroll
+    for (int k = 0; k < DS / 4; ++k) w[k] = 0x01010101u;
+    if (j < count) {
+      const uint8_t* src = v_exp + ((long long)s_phys[j] * num_kv_heads + h) * D + d0;
+      if constexpr (DS == 8) {
+        const uint2 x = *reinterpret_cast<const uint2*>(src);
+        w[0] = x.x;
+        w[DS / 4 - 1] = x.y;
+      } else {
+        w[0] = *reinterpret_cast<const uint32_t*>(src);
+      }
     }
-    r = akv_warp_min_int(r);
-    if (lane == 0) s_r[j][g] = r + bias;
+    int ev[DS], special = 0;
+#pragma unroll
+    for (int k = 0; k < DS; ++k) {
+      const int e = (w[k / 4] >> (8 * (k % 4))) & 0xFF;
+      special |= e == AKV_SPECIAL_EXPONENT;
+      ev[k] = max(e, 1);
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) special |= __shfl_xor_sync(0xffffffffu, special, o);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      int r = 0x7fffffff;
+#pragma unroll
+      for (int k = 0; k < DS; ++k) r = min(r, s_eo[g][d0 + k] - ev[k]);
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) r = min(r, __shfl_xor_sync(0xffffffffu, r, o));
+      if ((tid & 15) == 0 && j < count) s_r[j][g] = r + 15 + bias;
+    }
+    if ((tid & 15) == 0 && j < count) s_special[j] = special;
   }
   __syncthreads();
   const int skip_at = skip + akv_skip_budget(n);
+  float inv[G];                        // p = exp(s - m) * (1 / l): one division per head
+#pragma unroll
+  for (int g = 0; g < G; ++g) inv[g] = 1.f / sum[g];
 #pragma unroll
   for (int i = 0; i < TPT; ++i) {
     const int t = tid + 128 * i;
@@ -370,7 +397,7 @@ __device__ __forceinline__ void value_prologue(
     float p[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      p[g] = valid ? expf(sc[i][g] - mx[g]) / sum[g] : 0.f;
+      p[g] = valid ? expf(sc[i][g] - mx[g]) * inv[g] : 0.f;
       tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p[g]), skip_at, t8,
                                            t12));
     }
@@ -415,8 +442,7 @@ __device__ __forceinline__ void values(
   constexpr int ROUNDS = T / (4 * TPW), N = 16 * G;
   constexpr int STEPS = TPW == 4 ? 2 : 3;
   constexpr int KEEP = N >> STEPS;
-  __shared__ int s_eo[G][D];
-  __shared__ uint8_t s_vexp[kMaxSplit][D];
+  __shared__ __align__(16) int s_eo[G][D];
   __shared__ int s_phys[kMaxSplit];
   __shared__ int s_r[kMaxSplit][G];
   __shared__ int s_special[kMaxSplit];
@@ -442,7 +468,7 @@ __device__ __forceinline__ void values(
   const long long qhead = (long long)b * num_q_heads + (long long)h * G;
   value_prologue<D, G, kMaxSplit>(
       b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
-      t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_vexp, s_phys,
+      t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_phys,
       s_r, s_special, s_tier, [&](int t, int, int, const float* p) {
 #pragma unroll
         for (int g = 0; g < G; ++g) s_p[g][t] = p[g];

@@ -132,8 +132,7 @@ __device__ __forceinline__ void values(
   constexpr int UBYTES = PBYTES > RBYTES ? PBYTES : RBYTES;
   static_assert(2 * G <= 16, "at most 8 query heads per KV head");
   static_assert(WS == 1 || WS == 2, "channel split");
-  __shared__ int s_eo[G][D];
-  __shared__ uint8_t s_vexp[kMaxSplit][D];
+  __shared__ __align__(16) int s_eo[G][D];
   __shared__ int s_phys[kMaxSplit];
   __shared__ int s_r[kMaxSplit][G];
   __shared__ int s_special[kMaxSplit];
@@ -155,7 +154,7 @@ __device__ __forceinline__ void values(
 
   akv3::value_prologue<D, G, kMaxSplit>(
       b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
-      t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_vexp, s_phys,
+      t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_phys,
       s_r, s_special, s_tier, [&](int t, int j, int tier, const float* p) {
         // the weights as two fp16 columns per head (reference.mma_weight_terms)
 #pragma unroll
