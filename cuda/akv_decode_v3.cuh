@@ -298,9 +298,11 @@ __device__ __forceinline__ void scores(
 // split of `count` blocks from block `first` of sequence b, KV head h. Fills s_phys
 // (physical blocks), s_special (the block holds an exponent maximum of 31), s_tier (each
 // token's V tier, 0 = not read) and hands each token's softmax weights p[G] (of the group's
-// query heads, fp32, p = exp(s - m) · (1/l), within an ulp of exp(s - m) / l) to
-// emit(t, j, tier, p) for t in [0, count*T), block
-// j = t / T of the split. V tier rule: DESIGN.md section 4, docs/design.md. The global loads
+// query heads, fp32, p = exp2((s - m) · log2 e) · (1/l): one division per head, and a
+// relative error within (|s - m| + 4) · 2^-24 of exp(s - m) / l, so a tier can differ from
+// the reference's only where p lies that close to a power of two, as the GPU tests allow) to
+// emit(t, tier, special, p) for t in [0, count*T) (special: s_special of its block
+// t / T). V tier rule: DESIGN.md section 4, docs/design.md. The global loads
 // go out in two dependent rounds, {O_est, block table, scores, softmax statistics} and then
 // {V exponent maxima}, so a CTA waits two memory round trips, not three, before its first
 // plane load (docs/perf-notes.md); the exponent maxima go to registers of the threads that
@@ -334,9 +336,10 @@ __device__ __forceinline__ void value_prologue(
     mx[g] = stats[(qhead + g) * 2];
     sum[g] = stats[(qhead + g) * 2 + 1];
   }
-  for (int idx = tid; idx < G * D; idx += 128) {
-    const int g = idx / D, d = idx % D;
-    s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
+#pragma unroll
+  for (int k = 0; k < (G * D + 127) / 128; ++k) {       // a compile-time trip count
+    const int idx = tid + 128 * k, g = idx / D, d = idx % D;
+    if (idx < G * D) s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
   }
   if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
   __syncthreads();
@@ -384,7 +387,7 @@ __device__ __forceinline__ void value_prologue(
   }
   __syncthreads();
   const int skip_at = skip + akv_skip_budget(n);
-  float inv[G];                        // p = exp(s - m) * (1 / l): one division per head
+  float inv[G];                        // 1 / l: one division per head, not per token
 #pragma unroll
   for (int g = 0; g < G; ++g) inv[g] = 1.f / sum[g];
 #pragma unroll
@@ -392,21 +395,25 @@ __device__ __forceinline__ void value_prologue(
     const int t = tid + 128 * i;
     if (t >= count * T) break;
     const int j = t / T, tok = first * T + t;
-    const bool valid = tok < n;
-    int tier = 0;
+    const bool valid = tok < n, special = s_special[j];
     float p[G];
+    int gap = 0x7fffffff;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      p[g] = valid ? expf(sc[i][g] - mx[g]) * inv[g] : 0.f;
-      tier = max(tier, akv_v_tier_from_gap(s_r[j][g] - akv_unbiased_exp32(p[g]), skip_at, t8,
-                                           t12));
+      // computed for every token (a masked one's score reads as 0), then selected: no branch
+      const float e = exp2f((sc[i][g] - mx[g]) * 1.44269504f) * inv[g];
+      p[g] = valid ? e : 0.f;
+      gap = min(gap, s_r[j][g] - akv_unbiased_exp32(p[g]));
     }
-    if (full_mode || s_special[j]) tier = 16;
+    // the group's tier is the highest of its heads' tiers; the tier falls as the gap grows
+    // (t8 >= t12, and every gap >= skip gives 0), so it is the tier of the smallest gap
+    int tier = akv_v_tier_from_gap(gap, skip_at, t8, t12);
+    if (full_mode || special) tier = 16;
     if (!valid) tier = 0;
     s_tier[t] = tier;
     if (v_tier_map && valid)
       v_tier_map[((long long)b * num_kv_heads + h) * srow + tok] = tier;
-    emit(t, j, tier, p);
+    emit(t, tier, special, p);
   }
   __syncthreads();
   if (counters && warp == 0) {
@@ -469,7 +476,7 @@ __device__ __forceinline__ void values(
   value_prologue<D, G, kMaxSplit>(
       b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
       t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_phys,
-      s_r, s_special, s_tier, [&](int t, int, int, const float* p) {
+      s_r, s_special, s_tier, [&](int t, int, bool, const float* p) {
 #pragma unroll
         for (int g = 0; g < G; ++g) s_p[g][t] = p[g];
       });
@@ -627,9 +634,16 @@ __device__ __forceinline__ void values(
 // elsewhere 0, which ptxas treats as no minimum (the same SASS as `__launch_bounds__(128)`).
 #define AKV3_SCORE_MINB(STAGES, D, G) (STAGES == 0 && D == 128 && G == 1 ? 6 : 0)
 
+// Minimum CTAs per SM of version 3's register-path values kernel at MHA: 8 at head_dim 128
+// and 10 at 64, the occupancy its registers (64 and 48) gave before the prologue of the
+// seventh session, whose code ptxas would otherwise give 67 and 53 registers (7 and 9
+// CTAs per SM); elsewhere no minimum.
+#define AKV3_VALUE_MINB(STAGES, D, G) (STAGES == 0 && G == 1 ? (D == 128 ? 8 : 10) : 0)
+
 #define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G)                                    \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G,                               \
                          (akv3::scores<D, G, SCORE_STAGES>), 128,                            \
                          AKV3_SCORE_MINB(SCORE_STAGES, D, G))                                \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G,                               \
-                         (akv3::values<D, G, VALUE_STAGES>), 128)
+                         (akv3::values<D, G, VALUE_STAGES>), 128,                            \
+                         AKV3_VALUE_MINB(VALUE_STAGES, D, G))

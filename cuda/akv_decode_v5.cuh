@@ -155,17 +155,15 @@ __device__ __forceinline__ void values(
   akv3::value_prologue<D, G, kMaxSplit>(
       b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
       t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_phys,
-      s_r, s_special, s_tier, [&](int t, int j, int tier, const float* p) {
-        // the weights as two fp16 columns per head (reference.mma_weight_terms)
+      s_r, s_special, s_tier, [&](int t, int tier, bool special, const float* p) {
+        // the weights as two fp16 columns per head (reference.mma_weight_terms); a token
+        // that is not read gets x = 0, so hi = lo = 0 (no branch)
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          __half hi = __float2half_rz(0.f), lo = hi;
-          if (tier > 0) {
-            const float x = p[g] * 1024.f;
-            hi = __float2half_rz(x);
-            lo = __float2half_rn(x - __half2float(hi));
-            if (s_special[j] && x > 0.f && __half_as_ushort(lo) == 0) lo = __ushort_as_half(1);
-          }
+          const float x = tier > 0 ? p[g] * 1024.f : 0.f;
+          const __half hi = __float2half_rz(x);
+          __half lo = __float2half_rn(x - __half2float(hi));
+          if (special && x > 0.f && __half_as_ushort(lo) == 0) lo = __ushort_as_half(1);
           s_ph[2 * g][t] = hi;
           s_ph[2 * g + 1][t] = lo;
         }

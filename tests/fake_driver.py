@@ -78,7 +78,7 @@ def parse_kernel_signatures(source: str) -> dict:
     sigs = {}
     found = re.findall(r'extern "C" __global__', expanded)
     for m in re.finditer(r'extern "C" __global__ void'
-                         r"(?:\s+__launch_bounds__\((?:[^()]|\([^()]*\))*\))?\s+"
+                         r"(?:\s+__launch_bounds__\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\))?\s+"
                          r"(akv_\w+)\((.*?)\)\s*\{", expanded, re.S):
         kinds = []
         for p in m.group(2).split(","):
