@@ -61,9 +61,9 @@ struct Planes {
 // ------------------------------------------------------------------------------- scores
 // The scores kernels' prologue (versions 3-7): for a split of `count` blocks from block
 // `first` of sequence b, KV head h, hands each q value of the group to qstore(g, i, q_gi)
-// and fills s_eq (q's exponent fields, at least 1), s_phys (physical blocks), s_kexp (K
-// exponent maxima) and s_tier (each (block, channel) K tier; rule: DESIGN.md section 4,
-// docs/design.md). after_phys() runs once the physical blocks are known and before the
+// and fills s_eq (q's exponent fields, at least 1), s_phys (physical blocks) and s_tier
+// (each (block, channel) K tier; rule: DESIGN.md section 4, docs/design.md; the K exponent
+// maxima go to registers of the threads that use them, with no shared copy). after_phys() runs once the physical blocks are known and before the
 // exponent maxima are read: the kernels issue the first block's hi plane there (tier 8 is
 // always read), so it travels with the exponent maxima instead of after the tiers
 // (docs/perf-notes.md). Adds the split's K bytes to `counters`. Ends synchronised.
@@ -73,8 +73,8 @@ __device__ __forceinline__ void score_prologue(
     long long q_sh, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ k_exp, int num_kv_heads, int full_mode, int t8, int t12,
     unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map,
-    int (&s_eq)[G][D], uint8_t (&s_kexp)[MS][D], uint8_t (&s_tier)[MS][D],
-    int (&s_phys)[MS], int (&s_amax)[MS][G], QStore&& qstore, AfterPhys&& after_phys) {
+    int (&s_eq)[G][D], uint8_t (&s_tier)[MS][D], int (&s_phys)[MS], QStore&& qstore,
+    AfterPhys&& after_phys) {
   constexpr int T = AKV_BLOCK_TOKENS;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int i = tid; i < D; i += 128) {
@@ -88,33 +88,70 @@ __device__ __forceinline__ void score_prologue(
   if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
   __syncthreads();
   after_phys();
-  for (int idx = tid; idx < count * D; idx += 128) {
-    const int j = idx / D, i = idx % D;
-    s_kexp[j][i] = k_exp[((long long)s_phys[j] * num_kv_heads + h) * D + i];
-  }
-  __syncthreads();
-  for (int jg = warp; jg < count * G; jg += 4) {
-    const int j = jg / G, g = jg % G;
-    int m = 0;
-    for (int i = lane; i < D; i += 32) m = max(m, s_eq[g][i] + s_kexp[j][i]);
-    m = akv_warp_max_int(m);
-    if (lane == 0) s_amax[j][g] = m;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < count * D; idx += 128) {
-    const int j = idx / D, i = idx % D;
-    const int ek = s_kexp[j][i];
-    int tier = 8;
-    if (full_mode || ek == AKV_SPECIAL_EXPONENT) {
-      tier = 16;
-    } else {
+  {
+    // TPB threads per block j of the split (tid = TPB j + slice), DS consecutive channels
+    // each: their K exponent maxima in one 16- or 8-byte load, straight into registers;
+    // a_g = max_i (E(q_gi) + ek_i) as a max over the TPB lanes (shuffles; every lane takes
+    // part); then each channel's tier, the group's highest = the tier of its smallest gap
+    // (the tier falls as the gap grows: t8 >= t12), packed four to a word
+    constexpr int TPB = 128 / MS, DS = D / TPB;
+    static_assert(128 % MS == 0 && (DS == 8 || DS == 16), "128 threads over the split");
+    const int j = tid / TPB, d0 = (tid % TPB) * DS;
+    uint32_t w[DS / 4];
 #pragma unroll
-      for (int g = 0; g < G; ++g)
-        tier = max(tier, akv_tier_from_gap(s_amax[j][g] - (s_eq[g][i] + ek), t8, t12));
+    for (int k = 0; k < DS / 4; ++k) w[k] = 0u;
+    const long long row = (((long long)b * num_kv_heads + h) * blocks_per_seq + first + j) * D;
+    if (j < count) {
+      const uint8_t* src = k_exp + ((long long)s_phys[j] * num_kv_heads + h) * D + d0;
+      if constexpr (DS == 16) {
+        const uint4 x = *reinterpret_cast<const uint4*>(src);
+        w[0] = x.x, w[1 % (DS / 4)] = x.y, w[2 % (DS / 4)] = x.z, w[3 % (DS / 4)] = x.w;
+      } else {
+        const uint2 x = *reinterpret_cast<const uint2*>(src);
+        w[0] = x.x, w[1] = x.y;
+      }
     }
-    s_tier[j][i] = tier;
-    if (k_tier_map)
-      k_tier_map[(((long long)b * num_kv_heads + h) * blocks_per_seq + first + j) * D + i] = tier;
+    // channel k's exponent maximum, unpacked where it is used (fewer live registers)
+    auto ek = [&](int k) { return (int)((w[k / 4] >> (8 * (k % 4))) & 0xFF); };
+    int amax[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      int m = 0;
+#pragma unroll
+      for (int k = 0; k < DS; ++k) m = max(m, s_eq[g][d0 + k] + ek(k));
+#pragma unroll
+      for (int o = TPB / 2; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+      amax[g] = m;
+    }
+    // gap_gk = a_g - (E(q_gk) + ek_k); min over g = min_g (a_g - E(q_gk)) - ek_k
+    int gap[DS];
+#pragma unroll
+    for (int k = 0; k < DS; ++k) gap[k] = 0x7fffffff;
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int k = 0; k < DS; ++k) gap[k] = min(gap[k], amax[g] - s_eq[g][d0 + k]);
+    uint32_t out[DS / 4];
+#pragma unroll
+    for (int k = 0; k < DS / 4; ++k) out[k] = 0u;
+#pragma unroll
+    for (int k = 0; k < DS; ++k) {
+      const int tier = full_mode || ek(k) == AKV_SPECIAL_EXPONENT
+                           ? 16 : akv_tier_from_gap(gap[k] - ek(k), t8, t12);
+      out[k / 4] |= (uint32_t)tier << (8 * (k % 4));
+    }
+    if (j < count) {
+      if constexpr (DS == 16) {
+        const uint4 x = make_uint4(out[0], out[1 % (DS / 4)], out[2 % (DS / 4)],
+                                   out[3 % (DS / 4)]);
+        *reinterpret_cast<uint4*>(&s_tier[j][d0]) = x;
+        if (k_tier_map) *reinterpret_cast<uint4*>(k_tier_map + row + d0) = x;
+      } else {
+        const uint2 x = make_uint2(out[0], out[1]);
+        *reinterpret_cast<uint2*>(&s_tier[j][d0]) = x;
+        if (k_tier_map) *reinterpret_cast<uint2*>(k_tier_map + row + d0) = x;
+      }
+    }
   }
   __syncthreads();
   if (counters && warp == 0) {
@@ -151,11 +188,9 @@ __device__ __forceinline__ void scores(
     unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map) {
   constexpr int T = AKV_BLOCK_TOKENS, ROUNDS = D / 32, N = 16 * G, KEEP = N / 8;
   __shared__ float s_q[G][D];
-  __shared__ int s_eq[G][D];
-  __shared__ uint8_t s_kexp[kMaxScoreSplit][D];
-  __shared__ uint8_t s_tier[kMaxScoreSplit][D];
+  __shared__ __align__(16) int s_eq[G][D];
+  __shared__ __align__(16) uint8_t s_tier[kMaxScoreSplit][D];
   __shared__ int s_phys[kMaxScoreSplit];
-  __shared__ int s_amax[kMaxScoreSplit][G];
   __shared__ float s_part[2][4][4][N];   // two buffers, alternating by block (the epilogue)
   // STAGES > 0: stages of [hi D*T | mid D*T/2 | lo D*T/2] bytes in dynamic shared memory
   constexpr bool STAGED = STAGES > 0;
@@ -198,7 +233,7 @@ __device__ __forceinline__ void scores(
   };
   score_prologue<D, G, kMaxScoreSplit>(
       b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
-      full_mode, t8, t12, counters, k_tier_map, s_eq, s_kexp, s_tier, s_phys, s_amax,
+      full_mode, t8, t12, counters, k_tier_map, s_eq, s_tier, s_phys,
       [&](int g, int i, __half qh) { s_q[g][i] = __half2float(qh); },
       [&] {
         if constexpr (!STAGED) load_hi(0);
@@ -631,8 +666,14 @@ __device__ __forceinline__ void values(
 // Minimum CTAs per SM of version 3's register-path scores kernel (akv3::scores without
 // stages: versions 3, 5 and 6): 6 at head_dim 128, group 1 (MHA), where it would otherwise
 // take 96 registers and run 5 CTAs per SM, 7 % slower (docs/perf-notes.md, sixth session);
-// elsewhere 0, which ptxas treats as no minimum (the same SASS as `__launch_bounds__(128)`).
-#define AKV3_SCORE_MINB(STAGES, D, G) (STAGES == 0 && D == 128 && G == 1 ? 6 : 0)
+// at head_dim 128, groups 2 and 4, and head_dim 64, group 2, the occupancy it had before the
+// seventh session's prologue (5, 4 and 7 CTAs: 96, 128 and 72 registers, which ptxas would
+// otherwise raise to 128, 155 and 79); elsewhere 0, which ptxas treats as no minimum (the
+// same SASS as `__launch_bounds__(128)`).
+#define AKV3_SCORE_MINB(STAGES, D, G)                                                        \
+  (STAGES != 0 ? 0                                                                           \
+   : D == 128 ? (G == 1 ? 6 : G == 2 ? 5 : G == 4 ? 4 : 0)                                    \
+              : (G == 2 ? 7 : 0))
 
 // Minimum CTAs per SM of version 3's register-path values kernel at MHA: 8 at head_dim 128
 // and 10 at 64, the occupancy its registers (64 and 48) gave before the prologue of the

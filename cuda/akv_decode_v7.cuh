@@ -61,11 +61,9 @@ __device__ __forceinline__ void scores(
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static_assert(G >= 1 && G <= 8, "at most 8 query heads per KV head");
   __shared__ __half s_qh[G][D];
-  __shared__ int s_eq[G][D];
-  __shared__ uint8_t s_kexp[kMaxScoreSplit][D];
-  __shared__ __align__(4) uint8_t s_tier[kMaxScoreSplit][D];
+  __shared__ __align__(16) int s_eq[G][D];
+  __shared__ __align__(16) uint8_t s_tier[kMaxScoreSplit][D];
   __shared__ int s_phys[kMaxScoreSplit];
-  __shared__ int s_amax[kMaxScoreSplit][G];
   // partial sums: row stride T + 1 and column t + t / 32, so that the fragment stores below
   // (lane (g8, tq) -> head 2tq + e, token 8 g8 + 2 mt) hit 32 distinct banks (docs/perf-notes.md)
   // (two buffers, alternating by block: see akv_score_block_epilogue)
@@ -109,7 +107,7 @@ __device__ __forceinline__ void scores(
   };
   akv3::score_prologue<D, G, kMaxScoreSplit>(
       b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
-      full_mode, t8, t12, counters, k_tier_map, s_eq, s_kexp, s_tier, s_phys, s_amax,
+      full_mode, t8, t12, counters, k_tier_map, s_eq, s_tier, s_phys,
       [&](int g, int i, __half qh) { s_qh[g][i] = qh; }, [&] { load_hi(0); });
   // B fragments (qᵀ), fixed for the CTA: head g8 (zero past G), channel pairs of each k-step
   uint32_t bq[KSW][2];
@@ -184,6 +182,13 @@ __device__ __forceinline__ void scores(
 }  // namespace akv7
 
 // Version 7 entry points: the tensor-core scores kernel, version 6's values kernel.
+// Minimum CTAs per SM of version 7's scores kernel: 6 at head_dim 128 (80 registers); at
+// head_dim 64, 9 for groups up to 3 and 8 above, the occupancy of its 56-62 registers before
+// the seventh session's prologue, which ptxas would otherwise take to 67-80 registers
+// (the prologue's peak; no spills at 9 up to group 3, at most 4 bytes at 8).
+#define AKV7_SCORE_MINB(D, G) (D == 128 ? 6 : G <= 3 ? 9 : 8)
+
 #define AKV7_ENTRIES(MINB, WS, D, G)                                                         \
-  AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v7_d##D##_g##G, (akv7::scores<D, G>), 128, 6)      \
+  AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v7_d##D##_g##G, (akv7::scores<D, G>), 128,        \
+                         AKV7_SCORE_MINB(D, G))                                              \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v7_d##D##_g##G, (akv5::values<D, G, WS>), 128, MINB)
