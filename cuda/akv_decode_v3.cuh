@@ -62,8 +62,8 @@ struct Planes {
 // The scores kernels' prologue (versions 3-7): for a split of `count` blocks from block
 // `first` of sequence b, KV head h, hands each q value of the group to qstore(g, i, q_gi)
 // and fills s_eq (q's exponent fields, at least 1), s_phys (physical blocks) and s_tier
-// (each (block, channel) K tier; rule: DESIGN.md section 4, docs/design.md; the K exponent
-// maxima go to registers of the threads that use them, with no shared copy). after_phys() runs once the physical blocks are known and before the
+// (each (block, channel) K tier; rule: DESIGN.md section 4, docs/design.md; up to group 3
+// the K exponent maxima go to registers of the threads that use them, with no shared copy). after_phys() runs once the physical blocks are known and before the
 // exponent maxima are read: the kernels issue the first block's hi plane there (tier 8 is
 // always read), so it travels with the exponent maxima instead of after the tiers
 // (docs/perf-notes.md). Adds the split's K bytes to `counters`. Ends synchronised.
@@ -88,7 +88,7 @@ __device__ __forceinline__ void score_prologue(
   if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
   __syncthreads();
   after_phys();
-  {
+  if constexpr (G <= 3) {
     // TPB threads per block j of the split (tid = TPB j + slice), DS consecutive channels
     // each: their K exponent maxima in one 16- or 8-byte load, straight into registers;
     // a_g = max_i (E(q_gi) + ek_i) as a max over the TPB lanes (shuffles; every lane takes
@@ -151,6 +151,42 @@ __device__ __forceinline__ void score_prologue(
         *reinterpret_cast<uint2*>(&s_tier[j][d0]) = x;
         if (k_tier_map) *reinterpret_cast<uint2*>(k_tier_map + row + d0) = x;
       }
+    }
+  } else {
+    // groups above 3: the exponent maxima through shared memory, a_g by one warp per
+    // (block, head), tiers by channel. Measured faster than the branch above from group 4
+    // on (Llama-3-8B 1 x 16k, Llama-3-70B shape 8 x 16k: the branch above was 15 and 10 %
+    // slower in the scores phase; docs/perf-notes.md, seventh session)
+    __shared__ uint8_t s_kexp[MS][D];
+    __shared__ int s_amax[MS][G];
+    for (int idx = tid; idx < count * D; idx += 128) {
+      const int j = idx / D, i = idx % D;
+      s_kexp[j][i] = k_exp[((long long)s_phys[j] * num_kv_heads + h) * D + i];
+    }
+    __syncthreads();
+    for (int jg = warp; jg < count * G; jg += 4) {
+      const int j = jg / G, g = jg % G;
+      int m = 0;
+      for (int i = lane; i < D; i += 32) m = max(m, s_eq[g][i] + s_kexp[j][i]);
+      m = akv_warp_max_int(m);
+      if (lane == 0) s_amax[j][g] = m;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < count * D; idx += 128) {
+      const int j = idx / D, i = idx % D;
+      const int ek = s_kexp[j][i];
+      int tier = 8;
+      if (full_mode || ek == AKV_SPECIAL_EXPONENT) {
+        tier = 16;
+      } else {
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          tier = max(tier, akv_tier_from_gap(s_amax[j][g] - (s_eq[g][i] + ek), t8, t12));
+      }
+      s_tier[j][i] = tier;
+      if (k_tier_map)
+        k_tier_map[(((long long)b * num_kv_heads + h) * blocks_per_seq + first + j) * D + i] =
+            tier;
     }
   }
   __syncthreads();
@@ -666,13 +702,12 @@ __device__ __forceinline__ void values(
 // Minimum CTAs per SM of version 3's register-path scores kernel (akv3::scores without
 // stages: versions 3, 5 and 6): 6 at head_dim 128, group 1 (MHA), where it would otherwise
 // take 96 registers and run 5 CTAs per SM, 7 % slower (docs/perf-notes.md, sixth session);
-// at head_dim 128, groups 2 and 4, and head_dim 64, group 2, the occupancy it had before the
-// seventh session's prologue (5, 4 and 7 CTAs: 96, 128 and 72 registers, which ptxas would
-// otherwise raise to 128, 155 and 79); elsewhere 0, which ptxas treats as no minimum (the
-// same SASS as `__launch_bounds__(128)`).
+// at group 2 the occupancy it had before the seventh session's prologue (5 CTAs at head_dim
+// 128, 7 at 64: 96 and 72 registers, which ptxas would otherwise raise to 128 and 79);
+// elsewhere 0, which ptxas treats as no minimum (the same SASS as `__launch_bounds__(128)`).
 #define AKV3_SCORE_MINB(STAGES, D, G)                                                        \
   (STAGES != 0 ? 0                                                                           \
-   : D == 128 ? (G == 1 ? 6 : G == 2 ? 5 : G == 4 ? 4 : 0)                                    \
+   : D == 128 ? (G == 1 ? 6 : G == 2 ? 5 : 0)                                                \
               : (G == 2 ? 7 : 0))
 
 // Minimum CTAs per SM of version 3's register-path values kernel at MHA: 8 at head_dim 128

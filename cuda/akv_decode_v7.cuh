@@ -182,11 +182,11 @@ __device__ __forceinline__ void scores(
 }  // namespace akv7
 
 // Version 7 entry points: the tensor-core scores kernel, version 6's values kernel.
-// Minimum CTAs per SM of version 7's scores kernel: 6 at head_dim 128 (80 registers); at
-// head_dim 64, 9 for groups up to 3 and 8 above, the occupancy of its 56-62 registers before
-// the seventh session's prologue, which ptxas would otherwise take to 67-80 registers
-// (the prologue's peak; no spills at 9 up to group 3, at most 4 bytes at 8).
-#define AKV7_SCORE_MINB(D, G) (D == 128 ? 6 : G <= 3 ? 9 : 8)
+// Minimum CTAs per SM of version 7's scores kernel: 6 (80 registers), but 9 at head_dim 64
+// and groups up to 3, the occupancy of its 56-61 registers before the seventh session's
+// register-path prologue (akv3::score_prologue), which ptxas would otherwise take to 67
+// registers (no spills at 9).
+#define AKV7_SCORE_MINB(D, G) (D == 64 && G <= 3 ? 9 : 6)
 
 #define AKV7_ENTRIES(MINB, WS, D, G)                                                         \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v7_d##D##_g##G, (akv7::scores<D, G>), 128,        \
