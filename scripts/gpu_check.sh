@@ -23,7 +23,13 @@ echo "== build"
 python3 build.py --arch sm_90 -j 8 2>&1 | tee "$OUT/build.log" || status=1
 echo "== GPU tests"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests "${PYTEST_ARGS[@]:-}" 2>&1 | tee "$OUT/pytest.log" | tail -40
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "${PIPESTATUS[0]}" != 0 ]; then
+  status=1
+  # the failures' assertion lines and their rng seeds (AKV_TEST_SEED replays a test), so a
+  # failure can be replayed even when the log itself does not come back
+  echo "== GPU test failures"
+  grep -E "^(FAILED|E  )|rng seed: " "$OUT/pytest.log" | head -40
+fi
 if [ "${SKIP_RUN:-0}" != 1 ]; then
   echo "== main job through the cubins"
   python3 -m akv_runtime.run --config configs/llama7b.yaml --no-progress \
