@@ -35,17 +35,17 @@ def default_decode_version(group: int) -> int:
     """The decode kernel version a cache of GQA group size ``group`` (query heads per KV
     head) runs unless $AKV_DECODE_VERSION says otherwise: 3 for MHA, 7 for every GQA group.
 
-    Measured on the H200 (docs/perf-notes.md and docs/benchmarks.md, 2026-11-29, sixth
-    session, `python -m akv_runtime.bench --case ... --versions 3,7 --rule tuned`): MHA
-    (group 1) is fastest on version 3 at every MHA shape of the grid but one (version 7:
-    0.475 against 0.439 ms at 8 x 16k, 0.036 against 0.034 at 1 x 4k; at 8 x 32k, whose
-    timings are bimodal between runs, one grid had version 7 ahead, 0.911 against 0.951).
+    Measured on the H200 (docs/benchmarks.md, 2026-11-29, seventh session, commit 8e77e05,
+    `bash scripts/gpu_check.sh --versions 3,7 --rule tuned`): MHA (group 1) is fastest on
+    version 3 at every MHA shape of the grid but two (8 x 16k: 0.407 against version 7's
+    0.428 ms; 1 x 4k: 0.032 against 0.034); version 7 was ahead at 8 x 32k (0.837 against
+    0.923; those timings are bimodal between runs) and 32 x 16k (1.634 against 1.656).
     Version 7 (tensor cores for q·Kᵀ and p·V) is the fastest version at every GQA shape
-    timed at batch >= 8, in the same runs: groups of 3 (SmolLM2, 8 x 16k: 0.056 ms against
-    version 3's 0.067), 4 (Llama-3-8B, 8 x 16k: 0.178 against 0.256) and 8 (Llama-3-70B's
-    shape, 8 x 16k: 0.240 against 0.460); at batch 1 it wins or ties except SmolLM2 1 x 16k
-    (0.0310 against 0.0283). Groups 2 and 5-7 run it too (GPU tests cover 2-8; no timing at
-    2, 5-7).
+    timed at batch >= 8: groups of 3 (SmolLM2, 8 x 16k: 0.050 ms against version 3's
+    0.059), 4 (Llama-3-8B, 8 x 16k: 0.161 against 0.235) and 8 (Llama-3-70B's shape,
+    8 x 16k: 0.211 against 0.423, same-call runs of the seventh session's call 6); at
+    batch 1 it wins or ties except SmolLM2 1 x 16k (0.030 against 0.027). Groups 2 and 5-7
+    run it too (GPU tests cover 2-8; no timing at 2, 5-7).
     """
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
