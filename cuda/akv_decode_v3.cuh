@@ -63,8 +63,9 @@ struct Planes {
 // `first` of sequence b, KV head h, hands each q value of the group to qstore(g, i, q_gi)
 // and fills s_eq (q's exponent fields, at least 1), s_phys (physical blocks) and s_tier
 // (each (block, channel) K tier; rule: DESIGN.md section 4, docs/design.md; up to group 3
-// the K exponent maxima go to registers of the threads that use them, with no shared copy). after_phys() runs once the physical blocks are known and before the
-// exponent maxima are read: the kernels issue the first block's hi plane there (tier 8 is
+// the K exponent maxima go to registers of the threads that use them, with no shared
+// copy). after_phys() runs once the physical blocks are known and before the exponent
+// maxima are read: the kernels issue the first block's hi plane there (tier 8 is
 // always read), so it travels with the exponent maxima instead of after the tiers
 // (docs/perf-notes.md). Adds the split's K bytes to `counters`. Ends synchronised.
 template <int D, int G, int MS, class QStore, class AfterPhys>
@@ -370,8 +371,10 @@ __device__ __forceinline__ void scores(
 // (physical blocks), s_special (the block holds an exponent maximum of 31), s_tier (each
 // token's V tier, 0 = not read) and hands each token's softmax weights p[G] (of the group's
 // query heads, fp32, p = exp2((s - m) · log2 e) · (1/l): one division per head, and a
-// relative error within (|s - m| + 4) · 2^-24 of exp(s - m) / l, so a tier can differ from
-// the reference's only where p lies that close to a power of two, as the GPU tests allow) to
+// relative error within about (1.22 |s - m| + 6) · 2^-24 of exp(s - m) / l (the product's
+// rounding, log2 e's fp32 rounding, exp2f's 2 ulp, 1/l and the last product), so a tier can
+// differ from the reference's only where p lies that close to a power of two, as the GPU
+// tests allow) to
 // emit(t, tier, special, p) for t in [0, count*T) (special: s_special of its block
 // t / T). V tier rule: DESIGN.md section 4, docs/design.md. The global loads
 // go out in two dependent rounds, {O_est, block table, scores, softmax statistics} and then
@@ -703,7 +706,9 @@ __device__ __forceinline__ void values(
 // stages: versions 3, 5 and 6): 6 at head_dim 128, group 1 (MHA), where it would otherwise
 // take 96 registers and run 5 CTAs per SM, 7 % slower (docs/perf-notes.md, sixth session);
 // at group 2 the occupancy it had before the seventh session's prologue (5 CTAs at head_dim
-// 128, 7 at 64: 96 and 72 registers, which ptxas would otherwise raise to 128 and 79);
+// 128, 7 at 64: 96 and 72 registers, which ptxas would otherwise raise to 128 and 79; at 64
+// it then spills one 64-bit value, 8 bytes stored, reloaded in the block loop; not timed:
+// versions 3, 5 and 6 are not the default at group 2);
 // elsewhere 0, which ptxas treats as no minimum (the same SASS as `__launch_bounds__(128)`).
 #define AKV3_SCORE_MINB(STAGES, D, G)                                                        \
   (STAGES != 0 ? 0                                                                           \
