@@ -88,9 +88,12 @@ def describe(x, name: str) -> ArrayInfo:
 
 
 def to_numpy(x) -> np.ndarray:
-    """A host numpy view of ``x`` (torch CPU tensors and numpy arrays; no copy)."""
+    """A host numpy view of ``x`` (torch CPU tensors, numpy arrays and host DLPack
+    objects; no copy)."""
     if is_torch_tensor(x):
         return x.detach().numpy()
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        return np.from_dlpack(x)
     return np.asarray(x)
 
 

@@ -42,9 +42,16 @@ def check_bool(name, value) -> bool:
     return bool(value)
 
 
-def _host_memory_error(layout: PlaneLayout) -> MemoryError:
+def _host_memory_error(layout: PlaneLayout, block_table: bool = False) -> MemoryError:
     """A MemoryError that says what the cache needed (the numpy backend's planes, or a block
-    table that large) and which arguments set it."""
+    table that large) and which arguments set it (``block_table``: the planes were sized
+    by a given block table's largest entry, or by num_blocks)."""
+    if block_table:
+        return MemoryError(
+            f"block_table: the planes of {layout.num_layers} layers x {layout.num_blocks} "
+            f"blocks (the table's largest entry + 1, or num_blocks) need "
+            f"{layout.total_nbytes / 2**30:.1f} GiB of host memory, more than this machine "
+            f"gives; use smaller physical block numbers, or lower num_layers")
     return MemoryError(
         f"max_seq_len: the planes of {layout.num_layers} layers x {layout.num_blocks} blocks "
         f"need {layout.total_nbytes / 2**30:.1f} GiB of host memory, more than this machine "
@@ -154,17 +161,26 @@ class AlignedKVCache:
                 raise _host_memory_error(PlaneLayout(num_layers, num_blocks, num_kv_heads,
                                                      head_dim)) from None
         else:
-            table = np.asarray(to_numpy(block_table))
+            try:
+                table = np.asarray(to_numpy(block_table))
+            except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+                raise TypeError(f"block_table: expected a host integer array [batch, blocks], "
+                                f"got {type(block_table).__name__} ({exc})") from None
             if table.ndim != 2 or table.shape[0] != batch_size or table.shape[1] < blocks_per_seq:
                 raise ValueError(f"block_table: expected shape [{batch_size}, >= "
                                  f"{blocks_per_seq}], got {list(table.shape)}")
             if not np.issubdtype(table.dtype, np.integer):
                 raise TypeError(f"block_table: expected integers, got {table.dtype}")
-            table = np.ascontiguousarray(table[:, :blocks_per_seq], dtype=np.int32)
-            num_blocks = int(table.max()) + 1 if num_blocks is None else _positive_int(
-                "num_blocks", num_blocks)
-            if table.min() < 0 or table.max() >= num_blocks:
-                raise ValueError(f"block_table: entries must lie in [0, {num_blocks})")
+            table = table[:, :blocks_per_seq]
+            # the range is checked on the caller's integers, before the int32 copy (which
+            # would wrap entries of 2^31 and above)
+            lo, hi = int(table.min()), int(table.max())
+            num_blocks = hi + 1 if num_blocks is None else _positive_int("num_blocks",
+                                                                         num_blocks)
+            limit = min(num_blocks, 2**31 - 1)
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"block_table: entries must lie in [0, {limit})")
+            table = np.ascontiguousarray(table, dtype=np.int32)
             if len(np.unique(table)) != table.size:
                 raise ValueError("block_table: a physical block appears twice; each logical "
                                  "block needs its own physical block")
@@ -199,7 +215,7 @@ class AlignedKVCache:
             try:
                 self._backend = NumpyBackend(self)
             except MemoryError:
-                raise _host_memory_error(self.layout) from None
+                raise _host_memory_error(self.layout, block_table is not None) from None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -320,7 +336,7 @@ class AlignedKVCache:
             no tokens.
         """
         layer = self._check_layer(layer)
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         strict = check_bool("strict", strict)
         count = check_bool("count", count)
@@ -337,6 +353,8 @@ class AlignedKVCache:
             out_info = self._check_array("out", out, shape)
             if tuple(out_info.strides) != (shape[1] * shape[2], shape[2], 1):
                 raise ValueError("out: expected a contiguous array")
+            if out_info.device == "cpu" and not to_numpy(out).flags.writeable:
+                raise ValueError("out: expected a writable array (it is read-only)")
         if self._lengths[layer].min() < 1:
             empty = int(np.argmin(self._lengths[layer]))
             raise ValueError(f"layer: sequence {empty} of layer {layer} holds no tokens; "
@@ -357,7 +375,8 @@ class AlignedKVCache:
             raise TypeError(f"sequence: expected an int, got {type(sequence).__name__}")
         if not 0 <= sequence < self.batch_size:
             raise ValueError(f"sequence: {sequence} is out of range [0, {self.batch_size})")
-        if tier not in (8, 12, 16):
+        if isinstance(tier, bool) or not isinstance(tier, (int, np.integer)) or tier not in (
+                8, 12, 16):
             raise ValueError(f"tier: expected 8, 12 or 16, got {tier!r}")
         planes = self._backend.host_planes(layer)
         return reference.read_sequence(planes, self.block_table[sequence],
@@ -453,9 +472,7 @@ class NumpyBackend:
         result = reference.decode_attention(
             self.layer_planes(layer), to_numpy(q_info.obj), cache.block_table,
             cache._lengths[layer], mode, rule, keep_debug=debug)
-        if count:
-            self._counters += result.counters
-        if out_info is not None:
+        if out_info is not None:                # written first: a failed write counts nothing
             to_numpy(out_info.obj)[...] = result.output
             output = out_info.obj
         elif q_info.is_torch:
@@ -463,6 +480,8 @@ class NumpyBackend:
             output = torch.from_numpy(result.output)
         else:
             output = result.output
+        if count:
+            self._counters += result.counters
         if not debug:
             return output
         info = {"k_tiers": result.k_tiers, "v_tiers": result.v_tiers,

@@ -156,12 +156,23 @@ PRECISE_RULE = AlignmentRule(name="precise", k_thresholds=(10, 6), v_thresholds=
 RULES = {r.name: r for r in (SEED_RULE, TUNED_RULE, PRECISE_RULE)}
 
 
+class UnknownRuleError(KeyError, ValueError):
+    """An unknown rule name: a ``ValueError`` like every other bad argument, and a
+    ``KeyError`` as :data:`RULES` lookups raise."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
 def named_rule(name: str) -> AlignmentRule:
-    """The rule of :data:`RULES` called ``name``; ``KeyError`` naming the known rules."""
+    """The rule of :data:`RULES` called ``name``.
+
+    Raises UnknownRuleError (a ValueError and a KeyError) naming the known rules."""
     try:
         return RULES[name]
-    except KeyError:
-        raise KeyError(f"unknown rule {name!r}; named rules: {', '.join(RULES)}") from None
+    except (KeyError, TypeError):
+        raise UnknownRuleError(f"rule: unknown rule {name!r}; named rules: "
+                               f"{', '.join(RULES)}") from None
 
 MODES = ("aligned", "full")
 

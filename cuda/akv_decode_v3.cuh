@@ -719,7 +719,8 @@ __device__ __forceinline__ void values(
 // and 10 at 64, the occupancy its registers (64 and 48) gave before the prologue of the
 // seventh session, whose code ptxas would otherwise give 67 and 53 registers (7 and 9
 // CTAs per SM); elsewhere no minimum.
-#define AKV3_VALUE_MINB(STAGES, D, G) (STAGES == 0 && G == 1 ? (D == 128 ? 8 : 10) : 0)
+#define AKV3_VALUE_MINB(STAGES, D, G) \
+  (STAGES == 0 && G == 1 ? (D == 128 ? 8 : AKV_MINB_FIT(10)) : 0)
 
 #define AKV3_ENTRIES(V, SCORE_STAGES, VALUE_STAGES, D, G)                                    \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G,                               \

@@ -186,7 +186,7 @@ __device__ __forceinline__ void scores(
 // and groups up to 3, the occupancy of its 56-61 registers before the seventh session's
 // register-path prologue (akv3::score_prologue), which ptxas would otherwise take to 67
 // registers (no spills at 9).
-#define AKV7_SCORE_MINB(D, G) (D == 64 && G <= 3 ? 9 : 6)
+#define AKV7_SCORE_MINB(D, G) (D == 64 && G <= 3 ? AKV_MINB_FIT(9) : 6)
 
 #define AKV7_ENTRIES(MINB, WS, D, G)                                                         \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v7_d##D##_g##G, (akv7::scores<D, G>), 128,        \

@@ -12,6 +12,19 @@
 #include <cuda_fp16.h>
 
 #define AKV_BLOCK_TOKENS 64
+
+// The most 128-thread CTAs one SM holds on the architecture being compiled: 8 on sm_75
+// (1024 threads per SM), 12 on sm_86 and sm_89 (1536), 16 elsewhere (2048). A launch
+// bound's minimum CTAs per SM above it is one ptxas ignores with a warning, so
+// AKV_MINB_FIT passes 0 (no minimum: the same code) there instead.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+#define AKV_CTAS_128 8
+#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890)
+#define AKV_CTAS_128 12
+#else
+#define AKV_CTAS_128 16
+#endif
+#define AKV_MINB_FIT(N) ((N) <= AKV_CTAS_128 ? (N) : 0)
 #define AKV_MAX_GROUP 8
 #define AKV_SPECIAL_EXPONENT 31
 

@@ -77,9 +77,20 @@ def parse_kernel_signatures(source: str) -> dict:
     expanded = _expand(define.sub("", text), macros)
     sigs = {}
     found = re.findall(r'extern "C" __global__', expanded)
-    for m in re.finditer(r'extern "C" __global__ void'
-                         r"(?:\s+__launch_bounds__\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\))?\s+"
-                         r"(akv_\w+)\((.*?)\)\s*\{", expanded, re.S):
+    for head in re.finditer(r'extern "C" __global__ void', expanded):
+        rest = expanded[head.end():]
+        pos = 0
+        bounds = re.match(r"\s+__launch_bounds__\(", rest)
+        if bounds:                       # skip its balanced parentheses, however nested
+            depth, pos = 0, bounds.end() - 1
+            while True:
+                depth += {"(": 1, ")": -1}.get(rest[pos], 0)
+                pos += 1
+                if depth == 0:
+                    break
+        m = re.match(r"\s+(akv_\w+)\((.*?)\)\s*\{", rest[pos:], re.S)
+        if m is None:
+            continue
         kinds = []
         for p in m.group(2).split(","):
             p = " ".join(p.split())

@@ -51,15 +51,57 @@ def cache(rng):
     (lambda c, K, V, q: c.read(0, "0"), TypeError, "sequence: expected an int"),
     (lambda c, K, V, q: c.read(0, 0.5), TypeError, "sequence: expected an int"),
     (lambda c, K, V, q: c.read(0, 0, tier=10), ValueError, "tier: expected 8, 12 or 16"),
+    (lambda c, K, V, q: c.read(0, 0, tier=8.0), ValueError, "tier: expected 8, 12 or 16"),
     (lambda c, K, V, q: c.plane("k_top", 0), ValueError, "name: expected one of"),
+    (lambda c, K, V, q: c.attend(0, q, mode=np.array(["full"])), ValueError,
+     "mode: expected one of"),
+    (lambda c, K, V, q: c.attend(0, q, rule="bogus"), ValueError, "rule: unknown named rule"),
+    # a read-only output is refused before the call, so the counters do not move either
+    (lambda c, K, V, q: c.attend(0, q, count=True, out=_read_only((2, 4, 64))), ValueError,
+     "out: expected a writable array"),
 ])
 def test_bad_input_names_the_argument_and_changes_nothing(cache, rng, call, error, match):
     K, V = kv(rng, 2, 2, 70, 64)
     q = rng.standard_normal((2, 4, 64)).astype(np.float16)
     snap = snapshot(cache)
+    counters = cache.counters()
     with pytest.raises(error, match=match):
         call(cache, K, V, q)
     assert_unchanged(cache, snap)
+    assert cache.counters() == counters
+
+
+def _read_only(shape):
+    out = np.zeros(shape, np.float16)
+    out.flags.writeable = False
+    return out
+
+
+class _HostDLPack:
+    """A host array seen only through the DLPack protocol (no numpy or torch type)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+# describe() reads DLPack objects through cuda.core's StridedMemoryView constructor, which
+# cuda.core 1.2 marks deprecated; it is the path the GPU tests ran, so it stays for now
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_host_dlpack_objects_are_read_in_place(cache, rng):
+    K, V = kv(rng, 2, 2, 5, 64)
+    ref = AlignedKVCache(2, 2, 64, 200, num_query_heads=4, batch_size=2, backend="numpy")
+    for c in (ref, cache):
+        c.reset()
+    cache.append(0, _HostDLPack(K), _HostDLPack(V))
+    ref.append(0, K, V)
+    q = rng.standard_normal((2, 4, 64)).astype(np.float16)
+    assert np.array_equal(cache.attend(0, _HostDLPack(q)), ref.attend(0, q))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -70,6 +112,12 @@ def test_bad_input_names_the_argument_and_changes_nothing(cache, rng, call, erro
     (dict(block_table=np.zeros((2, 4), np.int32)), "block_table: a physical block"),
     (dict(block_table=np.arange(4).reshape(2, 2)), r"block_table: expected shape \[2, >= 4\]"),
     (dict(block_table=np.arange(8).reshape(2, 4), num_blocks=5), r"entries must lie in \[0, 5\)"),
+    # entries past int32 are refused, not wrapped by the int32 copy
+    (dict(block_table=np.arange(8, dtype=np.int64).reshape(2, 4) + 2**32),
+     r"block_table: entries must lie in \[0, 2147483647\)"),
+    (dict(block_table=np.array([[2**63, 1, 2, 3], [4, 5, 6, 7]], np.uint64)),
+     r"block_table: entries must lie in"),
+    (dict(block_table=[[0, 1, 2, 3], [4, 5, 6]]), r"block_table: expected a host integer array"),
 ])
 def test_impossible_caches_are_refused(kwargs, match):
     args = dict(num_layers=1, num_kv_heads=4, head_dim=64, max_seq_len=256, batch_size=2,
@@ -192,5 +240,9 @@ def test_a_cache_too_large_for_host_memory_says_why():
     with pytest.raises(MemoryError, match=r"max_seq_len: the planes of 2 layers .* GiB"):
         AlignedKVCache(2, 2, 64, 10**15, backend="numpy")
     table = np.arange(2, dtype=np.int32).reshape(1, 2)
-    with pytest.raises(MemoryError, match=r"max_seq_len: the planes of 2 layers x 10000000000000"):
+    with pytest.raises(MemoryError, match=r"block_table: the planes of 2 layers x 10000000000000"):
         AlignedKVCache(2, 2, 64, 128, backend="numpy", block_table=table, num_blocks=10**13)
+    # planes sized by a large physical block number name the block table, not max_seq_len
+    with pytest.raises(MemoryError, match=r"block_table: the planes of 2 layers x 2000000001 "):
+        AlignedKVCache(2, 2, 64, 128, backend="numpy",
+                       block_table=np.array([[0, 2 * 10**9]], np.int64))

@@ -183,6 +183,10 @@ def test_rule_validation():
     assert R.named_rule("tuned") is R.TUNED_RULE and R.RULES["seed"] is R.SEED_RULE
     with pytest.raises(KeyError, match="named rules: seed, tuned, precise"):
         R.named_rule("nope")
+    with pytest.raises(ValueError, match="rule: unknown rule 'nope'"):   # also a ValueError
+        R.named_rule("nope")
+    with pytest.raises(ValueError, match="rule: unknown rule"):
+        R.named_rule(["seed"])
 
 
 SKIP_RULE = R.AlignmentRule(name="skipping", v_skip=8)   # aggressive: the skip tier is used
