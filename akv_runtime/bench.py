@@ -67,6 +67,13 @@ def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
     with torch.cuda.graph(graph):
         for i in range(reps):
             fn(i % rotate)
+    ms = _replay_median_ms(torch, graph) / reps
+    del graph
+    return ms
+
+
+def _replay_median_ms(torch, graph) -> float:
+    """Median ms of 7 event-timed replays of a captured CUDA graph, after one untimed one."""
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -76,8 +83,7 @@ def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    del graph
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -117,18 +123,7 @@ def append_graph_ms(torch, cache, k, v, reps: int = 16) -> float:
         cache._lengths[:] = host
         graphs[append] = graph
     torch.cuda.synchronize()
-    ms = {}
-    for append, graph in graphs.items():
-        graph.replay()
-        times = []
-        for _ in range(7):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms[append] = statistics.median(times)
+    ms = {append: _replay_median_ms(torch, graph) for append, graph in graphs.items()}
     if not torch.equal(lengths, saved):
         raise RuntimeError("append timing: the device lengths were not restored")
     del graphs

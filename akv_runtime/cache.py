@@ -22,7 +22,7 @@ from . import reference
 from .arrays import describe, is_torch_tensor, to_numpy
 from .layout import (BLOCK_TOKENS, COUNTER_NAMES, MAX_GQA_GROUP, PLANE_NAMES,
                      SUPPORTED_HEAD_DIMS, PlaneLayout, blocks_for, identity_block_table)
-from .reference import MODES, RULES, SEED_RULE, AlignmentRule, named_rule
+from .reference import MODES, SEED_RULE, AlignmentRule, named_rule
 
 
 class CPUFallbackWarning(RuntimeWarning):
@@ -78,10 +78,7 @@ def _as_rule(rule) -> AlignmentRule:
     """An AlignmentRule, or the name of one of ``reference.RULES`` ("seed", "tuned",
     "precise"); TypeError / ValueError otherwise."""
     if isinstance(rule, str):
-        if rule not in RULES:
-            raise ValueError(f"rule: unknown named rule {rule!r} (named rules: "
-                             f"{', '.join(RULES)})")
-        return named_rule(rule)
+        return named_rule(rule)                 # a ValueError naming the rules if unknown
     if not isinstance(rule, AlignmentRule):
         raise TypeError(f"rule: expected an AlignmentRule or a rule name, got "
                         f"{type(rule).__name__}")

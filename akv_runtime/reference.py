@@ -171,8 +171,8 @@ def named_rule(name: str) -> AlignmentRule:
     try:
         return RULES[name]
     except (KeyError, TypeError):
-        raise UnknownRuleError(f"rule: unknown rule {name!r}; named rules: "
-                               f"{', '.join(RULES)}") from None
+        raise UnknownRuleError(f"rule: unknown named rule {name!r} (named rules: "
+                               f"{', '.join(RULES)})") from None
 
 MODES = ("aligned", "full")
 

@@ -106,7 +106,7 @@ __device__ __forceinline__ void score_prologue(
       const uint8_t* src = k_exp + ((long long)s_phys[j] * num_kv_heads + h) * D + d0;
       if constexpr (DS == 16) {
         const uint4 x = *reinterpret_cast<const uint4*>(src);
-        w[0] = x.x, w[1 % (DS / 4)] = x.y, w[2 % (DS / 4)] = x.z, w[3 % (DS / 4)] = x.w;
+        w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
       } else {
         const uint2 x = *reinterpret_cast<const uint2*>(src);
         w[0] = x.x, w[1] = x.y;
@@ -143,8 +143,7 @@ __device__ __forceinline__ void score_prologue(
     }
     if (j < count) {
       if constexpr (DS == 16) {
-        const uint4 x = make_uint4(out[0], out[1 % (DS / 4)], out[2 % (DS / 4)],
-                                   out[3 % (DS / 4)]);
+        const uint4 x = make_uint4(out[0], out[1], out[2], out[3]);
         *reinterpret_cast<uint4*>(&s_tier[j][d0]) = x;
         if (k_tier_map) *reinterpret_cast<uint4*>(k_tier_map + row + d0) = x;
       } else {

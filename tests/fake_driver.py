@@ -79,15 +79,9 @@ def parse_kernel_signatures(source: str) -> dict:
     found = re.findall(r'extern "C" __global__', expanded)
     for head in re.finditer(r'extern "C" __global__ void', expanded):
         rest = expanded[head.end():]
-        pos = 0
         bounds = re.match(r"\s+__launch_bounds__\(", rest)
-        if bounds:                       # skip its balanced parentheses, however nested
-            depth, pos = 0, bounds.end() - 1
-            while True:
-                depth += {"(": 1, ")": -1}.get(rest[pos], 0)
-                pos += 1
-                if depth == 0:
-                    break
+        # skip the launch bounds' parentheses, however nested
+        pos = _macro_args(rest, bounds.end() - 1)[1] if bounds else 0
         m = re.match(r"\s+(akv_\w+)\((.*?)\)\s*\{", rest[pos:], re.S)
         if m is None:
             continue

@@ -183,9 +183,9 @@ def test_rule_validation():
     assert R.named_rule("tuned") is R.TUNED_RULE and R.RULES["seed"] is R.SEED_RULE
     with pytest.raises(KeyError, match="named rules: seed, tuned, precise"):
         R.named_rule("nope")
-    with pytest.raises(ValueError, match="rule: unknown rule 'nope'"):   # also a ValueError
+    with pytest.raises(ValueError, match="rule: unknown named rule 'nope'"):   # a ValueError
         R.named_rule("nope")
-    with pytest.raises(ValueError, match="rule: unknown rule"):
+    with pytest.raises(ValueError, match="rule: unknown named rule"):
         R.named_rule(["seed"])
 
 
