@@ -92,6 +92,21 @@ STAGES_V4 = {128: (4, 6), 64: (6, 8)}
 #: akv_decode_v3.cuh; the combine step sums one partial per split) and of the scores kernels
 #: (kMaxScoreSplit; their output is per block, so their split is free to differ).
 MAX_SPLIT_BLOCKS = 8
+#: Threads per output channel of the combine kernel when it spreads the four running sums
+#: over threads (kCombineChains in cuda/akv.cu); see :func:`combine_chains`.
+COMBINE_CHAINS = 4
+
+
+def combine_chains(splits: int, ctas: int, head_dim: int, multiprocessors: int) -> int:
+    """Threads per output channel of the combine kernel: 4 (one per running sum) when the
+    sequences have more than 16 splits and the ``ctas`` x 4 x ``head_dim`` threads fit in one
+    wave (2048 per multiprocessor), else 1 (a thread keeps all four sums). The output is the
+    same bits either way (cuda/akv.cu). Measured on the H200 (docs/perf-notes.md, eighth
+    session): four per channel cut the combine at batch 1 × 128k from 6.6 to 3.7-3.9 us and
+    cost 1-2 us at batch 32, where 1024 CTAs of 512 threads fill several waves."""
+    if splits > 16 and ctas * COMBINE_CHAINS * head_dim <= 2048 * multiprocessors:
+        return COMBINE_CHAINS
+    return 1
 MAX_SCORE_SPLIT_BLOCKS = 16
 #: The split model's cost of a CTA's prologue (block table, exponent maxima, tiers), in
 #: units of the time one block of planes takes (docs/perf-notes.md, fifth session, fitted to
@@ -315,6 +330,7 @@ class CudaBackend:
         plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
         plan.score_split.value, plan.split.value = score_split, split
         plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
+        chains = combine_chains(splits, Hq * B, D, self.dev.multiprocessors)
         go = driver.launch_packed
         return [
             ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
@@ -323,7 +339,8 @@ class CudaBackend:
                                     plan.estimate, stream)),
             ("values", lambda: go(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
                                   plan.values, stream, self.values_smem)),
-            ("combine", lambda: go(self.k_combine, (Hq, B), (D,), plan.combine, stream)),
+            ("combine", lambda: go(self.k_combine, (Hq, B), (chains * D,), plan.combine,
+                                   stream)),
         ]
 
     def _plan(self, layer, mode, rule, count, k_map, v_map):

@@ -273,12 +273,14 @@ AKV_SCORES_ENTRY(128)
 //     each block at or above it counts its rank (how many blocks come before it in that
 //     order) in parallel; rank r < topk is selection slot r.
 //  3. O_est[d] = sum over the slots in order of p_j * |v_jd at tier 8| for the slot's arg-max
-//     token j, p_j = exp(s_j - m) / l; thread d reads the hi byte of channel d of each row
-//     (the rows' addresses are resolved first, so the loads are independent).
+//     token j, p_j = exp(s_j - m) / l. The rows' addresses are resolved first; then all
+//     threads stage the rows' hi bytes in shared memory at once (16 bytes each, 4 KB per
+//     pass), and thread d sums channel d in slot order.
 constexpr int kEstimateThreads = 256;
 constexpr int kEstimateSmemBlocks = 4096;   // block maxima kept on chip up to 256k tokens
 constexpr int kMaxTopk = 1024;
 constexpr int kEstimateSelectAbove = 64;    // blocks; below this every block is a candidate
+constexpr int kEstimateRowBytes = 16 * kEstimateThreads;  // V hi rows staged per pass
 static_assert(kEstimateThreads == 256, "the radix select's histogram: one bin per thread");
 
 extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estimate(
@@ -297,11 +299,19 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   __shared__ int s_digit, s_above;
   __shared__ int s_cand[kMaxTopk];
   __shared__ int s_ncand;
+  __shared__ __align__(16) uint8_t s_vrow[kEstimateRowBytes];
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5, num_warps = kEstimateThreads / 32;
   const int num_q_heads = num_kv_heads * group, D = head_dim;
-  const int nblk = (lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS;
   const long long row = ((long long)b * num_q_heads + hq) * blocks_per_seq;
+  // the first statistics are requested together with the length (a row holds blocks_per_seq
+  // entries; those past the sequence's blocks are loaded and ignored): one round trip less
+  float v0 = -INFINITY, e0 = 0.f;
+  if (tid < blocks_per_seq) {
+    v0 = block_max[row + tid];
+    e0 = block_sum[row + tid];
+  }
+  const int nblk = (lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS;
   const bool on_chip = nblk <= kEstimateSmemBlocks;
   const float* bmax = on_chip ? s_bmax : block_max + row;
 
@@ -310,7 +320,7 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   //    lanes and warps. A block whose maximum is -inf (no finite score) adds nothing.
   float m = -INFINITY, l = 0.f;
   for (int j = tid; j < nblk; j += kEstimateThreads) {
-    const float v = block_max[row + j], e = block_sum[row + j];
+    const float v = j == tid ? v0 : block_max[row + j], e = j == tid ? e0 : block_sum[row + j];
     if (on_chip) s_bmax[j] = v;
     if (v == -INFINITY) continue;
     if (v > m) {
@@ -402,10 +412,13 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
     }
     threshold = prefix;
   }
-  // 2b. gather the candidates (order does not matter: ranks are computed from values)
-  if (tid == 0) s_ncand = 0;
+  // 2b. gather the candidates (order does not matter: ranks are computed from values); with
+  //     no select (threshold 0) every block is one, in block order, with no shared atomics
+  if (tid == 0) s_ncand = threshold == 0 ? min(nblk, kMaxTopk) : 0;
+  if (threshold == 0)
+    for (int j = tid; j < nblk && j < kMaxTopk; j += kEstimateThreads) s_cand[j] = j;
   __syncthreads();
-  for (int j = tid; j < nblk; j += kEstimateThreads) {
+  for (int j = threshold == 0 ? kMaxTopk + tid : tid; j < nblk; j += kEstimateThreads) {
     if (akv_order_key(bmax[j]) < threshold) continue;
     const int at = atomicAdd(&s_ncand, 1);
     if (at < kMaxTopk) {
@@ -447,13 +460,25 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
     s_row[r] = (((long long)phys * num_kv_heads + h) * AKV_BLOCK_TOKENS + tok % AKV_BLOCK_TOKENS) * D;
   }
   __syncthreads();
-  if (tid < D) {
-    float acc = 0.f;
-#pragma unroll 8
-    for (int r = 0; r < k; ++r)
-      acc += s_p[r] * fabsf(akv_bits_to_float(akv_join_bits(v_hi[s_row[r] + tid], 0, 0, 8)));
-    o_est[((long long)b * num_q_heads + hq) * D + tid] = acc;
+  // the rows' hi bytes are staged in shared memory by every thread at once (one 16-byte load
+  // each, kEstimateRowBytes per pass: one round trip for the default 32 slots, not one per
+  // few rows), then thread d sums channel d over the pass's rows in slot order
+  const int segs = D / 16, rows_per_pass = kEstimateRowBytes / D;
+  float acc = 0.f;
+  for (int r0 = 0; r0 < k; r0 += rows_per_pass) {
+    const int i = tid / segs, seg = tid % segs;
+    if (r0 + i < k)
+      *reinterpret_cast<uint4*>(s_vrow + i * D + 16 * seg) =
+          *reinterpret_cast<const uint4*>(v_hi + s_row[r0 + i] + 16 * seg);
+    __syncthreads();
+    if (tid < D) {
+      const int rows = min(rows_per_pass, k - r0);
+      for (int r = 0; r < rows; ++r)
+        acc += s_p[r0 + r] * fabsf(akv_bits_to_float(akv_join_bits(s_vrow[r * D + tid], 0, 0, 8)));
+    }
+    __syncthreads();
   }
+  if (tid < D) o_est[((long long)b * num_q_heads + hq) * D + tid] = acc;
   if (counters && tid == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(k * D));
 }
 
@@ -614,29 +639,54 @@ AKV_VALUES_ENTRY(64)
 AKV_VALUES_ENTRY(128)
 
 // --------------------------------------------------------------------- decode: combine
-// akv_decode_combine: grid (Hq, B); block D threads. out[b, hq, d] = fp16(sum over the
-// sequence's splits of partial[b, hq, j, d]), four running sums in a fixed order. A split is
-// `split_blocks` blocks (1 for versions 1 and 2).
-extern "C" __global__ void akv_decode_combine(const int* __restrict__ lengths,
-                                              int blocks_per_seq, int num_q_heads,
-                                              int head_dim, int split_blocks,
-                                              const float* __restrict__ partial,
-                                              __half* __restrict__ out) {
-  const int hq = blockIdx.x, b = blockIdx.y, d = threadIdx.x, D = head_dim;
-  if (d >= D) return;
-  const int nblk = ((lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS + split_blocks - 1) /
-                   split_blocks;
+// akv_decode_combine: grid (Hq, B); block C * D threads, C = 1 or kCombineChains (4), the
+// host's choice (kernels.combine_chains). out[b, hq, d] = fp16(sum over the sequence's
+// splits j of partial[b, hq, j, d]) in a fixed order whatever C is: four running sums, a_c
+// over the splits j = c (mod 4) in order of j, then (a_0 + a_1) + (a_2 + a_3). C = 4: thread
+// (c, d) keeps a_c, 8 loads in flight; C = 1: thread d keeps all four, 16 loads in flight.
+// Loads past the last split read as +0, which adds exactly (a sum starting at +0 is never
+// -0). A split is `split_blocks` blocks (1 for versions 1 and 2). One thread per channel
+// took 6-9 us at batch 1 with 256 and more splits (docs/perf-notes.md, eighth session).
+constexpr int kCombineChains = 4;
+constexpr int kCombineMaxHeadDim = 128;
+extern "C" __global__ void __launch_bounds__(kCombineChains * kCombineMaxHeadDim)
+akv_decode_combine(const int* __restrict__ lengths, int blocks_per_seq, int num_q_heads,
+                   int head_dim, int split_blocks, const float* __restrict__ partial,
+                   __half* __restrict__ out) {
+  __shared__ float s_chain[kCombineChains - 1][kCombineMaxHeadDim];
+  const int hq = blockIdx.x, b = blockIdx.y, D = head_dim;
+  const int d = threadIdx.x % D, c = threadIdx.x / D;
+  const int nsplit = ((lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS + split_blocks - 1) /
+                     split_blocks;
   const float* p = partial + ((long long)b * num_q_heads + hq) * blocks_per_seq * D + d;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-  int j = 0;
-  for (; j + 4 <= nblk; j += 4) {
-    a0 += p[(long long)j * D];
-    a1 += p[(long long)(j + 1) * D];
-    a2 += p[(long long)(j + 2) * D];
-    a3 += p[(long long)(j + 3) * D];
+  const long long row = ((long long)b * num_q_heads + hq) * D + d;
+  if (blockDim.x == D) {               // C = 1
+    float a[kCombineChains] = {0.f, 0.f, 0.f, 0.f};
+    for (int j0 = 0; j0 < nsplit; j0 += 16) {
+      float v[16];
+#pragma unroll
+      for (int u = 0; u < 16; ++u) v[u] = j0 + u < nsplit ? p[(long long)(j0 + u) * D] : 0.f;
+#pragma unroll
+      for (int u = 0; u < 16; ++u) a[u % kCombineChains] += v[u];
+    }
+    out[row] = __float2half_rn((a[0] + a[1]) + (a[2] + a[3]));
+    return;
   }
-  for (; j < nblk; ++j) a0 += p[(long long)j * D];
-  out[((long long)b * num_q_heads + hq) * D + d] = __float2half_rn((a0 + a1) + (a2 + a3));
+  constexpr int U = 8;                 // C = 4
+  float a = 0.f;
+  for (int j0 = c; j0 < nsplit; j0 += kCombineChains * U) {
+    float v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + kCombineChains * u;
+      v[u] = j < nsplit ? p[(long long)j * D] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) a += v[u];
+  }
+  if (c > 0) s_chain[c - 1][d] = a;
+  __syncthreads();
+  if (c == 0) out[row] = __float2half_rn((a + s_chain[0][d]) + (s_chain[1][d] + s_chain[2][d]));
 }
 
 // ------------------------------------------------------------------ decode, version 2

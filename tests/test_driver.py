@@ -9,7 +9,7 @@ import pytest
 from akv_runtime import driver
 from akv_runtime.arrays import ArrayInfo
 from akv_runtime.cache import AlignedKVCache
-from akv_runtime.kernels import choose_split, default_decode_version
+from akv_runtime.kernels import choose_split, combine_chains, default_decode_version
 from akv_runtime.layout import BLOCK_TOKENS, PLANE_NAMES, PlaneLayout
 from akv_runtime.reference import NEVER_SKIP
 
@@ -136,6 +136,15 @@ def test_signatures_parse_every_entry_point():
                 assert sigs[f"akv_decode_values_v{v}_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
 
 
+def test_combine_chains_spreads_long_sums_while_one_wave_holds_them():
+    # batch 1 x 128k, MHA, head_dim 128: 2048 splits, 32 CTAs -> a thread per running sum
+    assert combine_chains(2048, 32, 128, 132) == 4
+    assert combine_chains(16, 32, 128, 132) == 1            # short sums: one thread each
+    # batch 32 x 32k, MHA: 1024 CTAs x 512 threads would fill several waves
+    assert combine_chains(64, 1024, 128, 132) == 1
+    assert combine_chains(64, 528, 128, 132) == 4           # 270336 threads: one wave
+
+
 def _info(shape, strides, ptr, dtype=np.float16):
     return ArrayInfo(tuple(shape), tuple(strides), np.dtype(dtype), str(np.dtype(dtype)),
                      "cuda", 0, ptr, None)
@@ -225,6 +234,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
         "akv_decode_scores_d64", "akv_decode_estimate", "akv_decode_values_d64",
         "akv_decode_combine"]
     assert fake.launches[-1]["args"][4] == 1   # one block per split before version 3
+    assert fake.launches[-1]["block"] == (D, 1, 1)   # 4 splits: one thread per channel
     backend.set_decode_version(6)
     backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
     assert [x["name"] for x in fake.launches[-4:]] == [

@@ -225,15 +225,38 @@ def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, spli
     assert sum(got[k] for k in names[3:6]) <= 2 * got["values"]
 
 
+@pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8), (128, 4, 4)])
+@pytest.mark.parametrize("split", [None, 3], ids=["auto", "split3"])
+def test_decode_steps_across_split_boundaries(rng, D, Hk, Hq, split):
+    """Decode steps (append one token, attend) whose block and split counts change between
+    calls (6 blocks -> 7: with splits of 3, two splits -> three). Each step's output, written
+    into a NaN-filled buffer, must be the reference's: nothing of an earlier call's
+    workspace (partials of a split that no longer exists, statistics) shows through."""
+    B, n0, steps = 2, 3 * 2 * BLOCK_TOKENS - 2, 5       # 6 blocks -> 7 (splits of 3: 2 -> 3)
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n0 + steps)
+    gpu._backend.forced_split = split
+    _fill(rng, gpu, cpu, B, Hk, D, n0)
+    out = torch.empty((B, Hq, D), dtype=torch.float16, device="cuda")
+    for step in range(steps):
+        K1, V1 = kv_like(rng, B, Hk, 1, D)
+        append_both(gpu, cpu, 0, K1, V1)
+        q = rng.standard_normal((B, Hq, D)).astype(np.float16)
+        out.fill_(float("nan"))
+        gpu.attend(0, torch.from_numpy(q).cuda(), mode="aligned", out=out)
+        ref = cpu.attend(0, q, mode="aligned")
+        assert R.relative_error(out.cpu().numpy(), ref) < 2e-3, (step, n0 + step + 1)
+
+
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
-def test_estimate_over_long_sequences_matches_reference(rng, ties):
+@pytest.mark.parametrize("blocks", [300, 600])
+def test_estimate_over_long_sequences_matches_reference(rng, ties, blocks):
     """Above 64 blocks the estimate kernel finds the k-th largest block maximum by radix
     select before ranking the candidates; the decode tests above stay below 64 blocks. Here
-    301 blocks per sequence. ``tied``: every block repeats one of five K patterns, so block
-    maxima tie exactly (also at the k-th largest) while V differs, and only the reference's
-    order (value, then lower block) gives its O_est."""
+    301 and 601 blocks per sequence. ``tied``: every block repeats one of five K patterns, so block maxima tie
+    exactly (also at the k-th largest) while V differs, and only the reference's order
+    (value, then lower block) gives its O_est."""
     B, Hk, Hq, D = 2, 1, 2, 64
-    n = 300 * BLOCK_TOKENS + 17
+    n = blocks * BLOCK_TOKENS + 17
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged=True)
     K, V = kv_like(rng, B, Hk, n, D)
     if ties:
