@@ -643,9 +643,10 @@ AKV_VALUES_ENTRY(128)
 // host's choice (kernels.combine_chains). out[b, hq, d] = fp16(sum over the sequence's
 // splits j of partial[b, hq, j, d]) in a fixed order whatever C is: four running sums, a_c
 // over the splits j = c (mod 4) in order of j, then (a_0 + a_1) + (a_2 + a_3). C = 4: thread
-// (c, d) keeps a_c, 8 loads in flight; C = 1: thread d keeps all four, 16 loads in flight.
-// Loads past the last split read as +0, which adds exactly (a sum starting at +0 is never
-// -0). A split is `split_blocks` blocks (1 for versions 1 and 2). One thread per channel
+// (c, d) keeps a_c, 8 loads in flight (loads past the last split read as +0, which adds
+// exactly: a sum starting at +0 is never -0); C = 1: thread d keeps all four (the loop of
+// the kernel before the eighth session, 4 loads per step; a 16-load version measured
+// slower at batch 32). A split is `split_blocks` blocks (1 for versions 1 and 2). One thread per channel
 // took 6-9 us at batch 1 with 256 and more splits (docs/perf-notes.md, eighth session).
 constexpr int kCombineChains = 4;
 constexpr int kCombineMaxHeadDim = 128;
@@ -662,13 +663,12 @@ akv_decode_combine(const int* __restrict__ lengths, int blocks_per_seq, int num_
   const long long row = ((long long)b * num_q_heads + hq) * D + d;
   if (blockDim.x == D) {               // C = 1
     float a[kCombineChains] = {0.f, 0.f, 0.f, 0.f};
-    for (int j0 = 0; j0 < nsplit; j0 += 16) {
-      float v[16];
+    int j = 0;
+    for (; j + 4 <= nsplit; j += 4) {
 #pragma unroll
-      for (int u = 0; u < 16; ++u) v[u] = j0 + u < nsplit ? p[(long long)(j0 + u) * D] : 0.f;
-#pragma unroll
-      for (int u = 0; u < 16; ++u) a[u % kCombineChains] += v[u];
+      for (int u = 0; u < 4; ++u) a[u] += p[(long long)(j + u) * D];
     }
+    for (; j < nsplit; ++j) a[j % kCombineChains] += p[(long long)j * D];
     out[row] = __float2half_rn((a[0] + a[1]) + (a[2] + a[3]));
     return;
   }
