@@ -412,8 +412,9 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
     }
     threshold = prefix;
   }
-  // 2b. gather the candidates (order does not matter: ranks are computed from values); with
-  //     no select (threshold 0) every block is one, in block order, with no shared atomics
+  // 2b. gather the candidates (order does not matter: ranks are computed from values). At
+  //     threshold 0 (no select ran, or, only for a NaN k-th key, it found 0) every block is
+  //     one: the first kMaxTopk in block order with no shared atomics, the rest as below
   if (tid == 0) s_ncand = threshold == 0 ? min(nblk, kMaxTopk) : 0;
   if (threshold == 0)
     for (int j = tid; j < nblk && j < kMaxTopk; j += kEstimateThreads) s_cand[j] = j;
@@ -644,9 +645,10 @@ AKV_VALUES_ENTRY(128)
 // splits j of partial[b, hq, j, d]) in a fixed order whatever C is: four running sums, a_c
 // over the splits j = c (mod 4) in order of j, then (a_0 + a_1) + (a_2 + a_3). C = 4: thread
 // (c, d) keeps a_c, 8 loads in flight (loads past the last split read as +0, which adds
-// exactly: a sum starting at +0 is never -0); C = 1: thread d keeps all four (the loop of
-// the kernel before the eighth session, 4 loads per step; a 16-load version measured
-// slower at batch 32). A split is `split_blocks` blocks (1 for versions 1 and 2). One thread per channel
+// exactly: a sum starting at +0 is never -0, as the build does not flush denormals to
+// zero); C = 1: thread d keeps all four, 4 loads per step (the loop of the kernel before
+// the eighth session, except that the leftover splits now go to sum j mod 4, not to sum
+// 0; a 16-load version measured slower at batch 32). A split is `split_blocks` blocks (1 for versions 1 and 2). One thread per channel
 // took 6-9 us at batch 1 with 256 and more splits (docs/perf-notes.md, eighth session).
 constexpr int kCombineChains = 4;
 constexpr int kCombineMaxHeadDim = 128;
