@@ -92,6 +92,12 @@ STAGES_V4 = {128: (4, 6), 64: (6, 8)}
 #: akv_decode_v3.cuh; the combine step sums one partial per split) and of the scores kernels
 #: (kMaxScoreSplit; their output is per block, so their split is free to differ).
 MAX_SPLIT_BLOCKS = 8
+MAX_SCORE_SPLIT_BLOCKS = 16
+#: The split model's cost of a CTA's prologue (block table, exponent maxima, tiers), in
+#: units of the time one block of planes takes (docs/perf-notes.md, fifth session, fitted to
+#: the forced-split timings of the session before).
+SPLIT_PROLOGUE_BLOCKS = 0.5
+
 #: Threads per output channel of the combine kernel when it spreads the four running sums
 #: over threads (kCombineChains in cuda/akv.cu); see :func:`combine_chains`.
 COMBINE_CHAINS = 4
@@ -102,16 +108,11 @@ def combine_chains(splits: int, ctas: int, head_dim: int, multiprocessors: int) 
     sequences have more than 16 splits and the ``ctas`` x 4 x ``head_dim`` threads fit in one
     wave (2048 per multiprocessor), else 1 (a thread keeps all four sums). The output is the
     same bits either way (cuda/akv.cu). Measured on the H200 (docs/perf-notes.md, eighth
-    session): four per channel cut the combine at batch 1 × 128k from 6.6 to 3.7-3.9 us and
-    cost 1-2 us at batch 32, where 1024 CTAs of 512 threads fill several waves."""
+    session): four per channel cut the combine at batch 1 × 128k from 6.6 to 3.7-5.6 us (two
+    grids) and cost 1-2 us at batch 32, where 1024 CTAs of 512 threads fill several waves."""
     if splits > 16 and ctas * COMBINE_CHAINS * head_dim <= 2048 * multiprocessors:
         return COMBINE_CHAINS
     return 1
-MAX_SCORE_SPLIT_BLOCKS = 16
-#: The split model's cost of a CTA's prologue (block table, exponent maxima, tiers), in
-#: units of the time one block of planes takes (docs/perf-notes.md, fifth session, fitted to
-#: the forced-split timings of the session before).
-SPLIT_PROLOGUE_BLOCKS = 0.5
 
 
 def choose_split(nblk: int, rows: int, slots: int, cap: int) -> int:
