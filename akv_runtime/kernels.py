@@ -21,6 +21,15 @@ from .memory import DeviceArray, allocate_arrays
 
 SCORE_THREADS = 128
 ESTIMATE_THREADS = 256
+#: Longest sequence (in 64-token blocks) the short estimate kernel serves, and the query
+#: heads (warps) per CTA of that kernel (kEstimateSelectAbove, kShortEstimateWarps in
+#: cuda/akv.cu).
+SHORT_ESTIMATE_BLOCKS = 64
+SHORT_ESTIMATE_HEADS = 4
+#: The short estimate kernel runs when the 256-thread one would have more than this many
+#: CTAs (query heads x batch) per multiprocessor (measured crossover, see
+#: CudaBackend._estimate_launch).
+SHORT_ESTIMATE_MIN_CTAS_PER_SM = 4
 VALUE_THREADS = 128
 #: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
 #: 3 and 4, cuda/akv_decode_v5.cuh: 5 and 6, cuda/akv_decode_v7.cuh: 7); $AKV_DECODE_VERSION
@@ -167,6 +176,7 @@ class CudaBackend:
         fn = self.module.function
         self.k_append = fn("akv_append")
         self.k_estimate = fn("akv_decode_estimate")
+        self.k_estimate_short = fn("akv_decode_estimate_short")
         self.k_combine = fn("akv_decode_combine")
         group = cache.num_query_heads // cache.num_kv_heads
         self.default_decode_version = default_decode_version(group)
@@ -174,6 +184,9 @@ class CudaBackend:
         self.set_decode_version(self.default_decode_version if env_version is None
                                 else env_version)
         self.forced_split = env_split_blocks()
+        #: akv_decode_estimate_short where it is faster (True), wherever it serves
+        #: ("always"; tests and measurements), or never (False); see _estimate_launch
+        self.short_estimate = True
         self._splits: dict = {}
 
         layout = cache.layout
@@ -332,17 +345,36 @@ class CudaBackend:
         plan.score_split.value, plan.split.value = score_split, split
         plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
         chains = combine_chains(splits, Hq * B, D, self.dev.multiprocessors)
+        estimate = self._estimate_launch(nblk, Hq, B)
         go = driver.launch_packed
         return [
             ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
                                   plan.scores, stream, self.scores_smem)),
-            ("estimate", lambda: go(self.k_estimate, (Hq, B), (ESTIMATE_THREADS,),
-                                    plan.estimate, stream)),
+            ("estimate", lambda: go(*estimate, plan.estimate, stream)),
             ("values", lambda: go(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
                                   plan.values, stream, self.values_smem)),
             ("combine", lambda: go(self.k_combine, (Hq, B), (chains * D,), plan.combine,
                                    stream)),
         ]
+
+    def _estimate_launch(self, nblk: int, Hq: int, B: int) -> tuple:
+        """(kernel, grid, block) of the estimate phase for sequences of at most ``nblk``
+        blocks. Both kernels give the same bits (GPU tests); the choice is speed, measured on
+        the H200 at 4k tokens (docs/perf-notes.md, ninth session). The 256-thread kernel
+        takes ~6 us up to about 2 CTAs per multiprocessor and grows with its CTA count; the
+        one-warp-per-head kernel (akv_decode_estimate_short, up to SHORT_ESTIMATE_BLOCKS
+        blocks) has a longer chain per warp but grows little. Query heads x sequences
+        (CTAs of the 256-thread kernel), 256-thread / short: 32 and 9 (batch 1): 5.9-6.1 /
+        7.0-7.5 us; 256: 6.4-6.6 / 7.8-8.0; 288: 6.9-7.0 / 7.2; 1024: 13.9-14.5 / 8.6
+        (GQA) and 14.7-15.8 / 9.2 (MHA). So the short kernel runs above
+        SHORT_ESTIMATE_MIN_CTAS_PER_SM CTAs per multiprocessor."""
+        if self.short_estimate == "always" or (
+                self.short_estimate and
+                Hq * B > SHORT_ESTIMATE_MIN_CTAS_PER_SM * self.dev.multiprocessors):
+            if nblk <= SHORT_ESTIMATE_BLOCKS:
+                return (self.k_estimate_short, (-(-Hq // SHORT_ESTIMATE_HEADS), B),
+                        (32 * SHORT_ESTIMATE_HEADS,))
+        return (self.k_estimate, (Hq, B), (ESTIMATE_THREADS,))
 
     def _plan(self, layer, mode, rule, count, k_map, v_map):
         """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`)."""

@@ -483,6 +483,190 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
   if (counters && tid == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(k * D));
 }
 
+// akv_decode_estimate_short: akv_decode_estimate's results (stats, O_est, counters) bit for
+// bit, for a batch whose sequences all have at most kEstimateSelectAbove (64) blocks: every
+// block is then a candidate and no select runs. It reads nothing past 64 blocks; the host
+// launches it only for such batches, and only where it is faster (kernels.py,
+// CudaBackend._estimate_launch). grid (ceil(Hq / 4), B); block 128 threads:
+// one warp per query head, no block-wide barrier. Lane L holds blocks L and L + 32:
+//  1. one round trip: the length, each block's statistics, arg-max token and block-table
+//     entry; m and l merge as in akv_decode_estimate, where blocks 0-31 and 32-63 were the
+//     first two warps (the same expressions in the same order, so the same fp32 bits);
+//  2. rank of each block in (maximum desc, index asc) order by comparing against all
+//     blocks (shuffles); rank r < k is slot r;
+//  3. a second round trip: every slot's V hi bytes of the lane's channels (4 bytes at
+//     head_dim 128, 2 at 64) at once, then O_est summed per channel in slot order.
+// One round trip less than the 256-thread kernel, but a longer chain per warp: measured at
+// 4k tokens, 7.0-8.0 us against 5.9-6.6 with up to 288 query heads x sequences, 8.6-9.2
+// against 13.9-15.8 with 1024 (docs/perf-notes.md, ninth session).
+constexpr int kShortEstimateWarps = 4;
+
+template <int CPL>   // channels per lane: head_dim / 32
+__device__ __forceinline__ void estimate_short_head(
+    int hq, int b, int n, int blocks_per_seq, const uint8_t* __restrict__ v_hi,
+    int num_kv_heads, int group, int topk, float v[2], float e[2], int arg[2], int phys[2],
+    float* __restrict__ stats, float* __restrict__ o_est, unsigned long long* __restrict__ counters,
+    int* s_sel) {
+  constexpr int D = 32 * CPL;
+  const int lane = threadIdx.x & 31;
+  const int num_q_heads = num_kv_heads * group;
+  const int nblk = (n + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS;
+  // 1. (m, l) of blocks L and L + 32, as akv_decode_estimate's per-thread loop leaves them
+  float m[2], l[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    m[s] = -INFINITY;
+    l[s] = 0.f;
+    if (32 * s + lane < nblk && v[s] != -INFINITY) {
+      if (v[s] > m[s]) {
+        l[s] = l[s] * expf(m[s] - v[s]) + e[s];
+        m[s] = v[s];
+      } else {
+        l[s] += e[s] * expf(v[s] - m[s]);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[s], o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[s], o);
+      const float mm = fmaxf(m[s], m2);
+      l[s] = (m[s] == -INFINITY ? 0.f : l[s] * expf(m[s] - mm)) +
+             (m2 == -INFINITY ? 0.f : l2 * expf(m2 - mm));
+      m[s] = mm;
+    }
+  }
+  // akv_decode_estimate's thread 0 over its eight warps; warps 2-7 held no block and add
+  // exactly nothing (their max is -inf)
+  const float mm = fmaxf(m[0], m[1]);
+  float ll = 0.f;
+  ll += m[0] == -INFINITY ? 0.f : l[0] * expf(m[0] - mm);
+  ll += m[1] == -INFINITY ? 0.f : l[1] * expf(m[1] - mm);
+  const long long head = (long long)b * num_q_heads + hq;
+  if (lane == 0) {
+    stats[head * 2 + 0] = mm;
+    stats[head * 2 + 1] = ll;
+  }
+  const int k = min(min(topk, kMaxTopk), nblk);   // <= 64
+  // 2. ranks; a slot no block claims (only with NaN maxima) stays block 0, as there
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+    if (32 * s + lane < k) s_sel[32 * s + lane] = 0;
+  __syncwarp();
+  // 16 shuffles in flight per step (a loop of one dependent shuffle per block took ~1 us)
+  int rank[2] = {0, 0};
+  for (int i0 = 0; i0 < nblk; i0 += 16) {
+    const float src = i0 < 32 ? v[0] : v[1];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      const int i = i0 + u;
+      const float x = __shfl_sync(0xffffffffu, src, i & 31);
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int j = 32 * s + lane;
+        rank[s] += i < nblk && ((x > v[s]) || (x == v[s] && i < j));
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+    if (32 * s + lane < nblk && rank[s] < k) s_sel[rank[s]] = 32 * s + lane;
+  __syncwarp();
+  // each slot's weight and V row (slots L and L + 32 in this lane), from the block's lane
+  const int h = hq / group;
+  float p[2];
+  long long row[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int r = 32 * s + lane;
+    const int j = r < k ? s_sel[r] : 0;
+    const float vj0 = __shfl_sync(0xffffffffu, v[0], j & 31);
+    const float vj1 = __shfl_sync(0xffffffffu, v[1], j & 31);
+    const int a0 = __shfl_sync(0xffffffffu, arg[0], j & 31);
+    const int a1 = __shfl_sync(0xffffffffu, arg[1], j & 31);
+    const int f0 = __shfl_sync(0xffffffffu, phys[0], j & 31);
+    const int f1 = __shfl_sync(0xffffffffu, phys[1], j & 31);
+    const float vj = j < 32 ? vj0 : vj1;
+    const int tok = j < 32 ? a0 : a1, ph = j < 32 ? f0 : f1;
+    p[s] = expf(vj - mm) / ll;
+    row[s] = (((long long)ph * num_kv_heads + h) * AKV_BLOCK_TOKENS + tok % AKV_BLOCK_TOKENS) * D;
+  }
+  // 3. the slots' hi bytes of channels CPL * L .. CPL * L + CPL - 1, 32 rows in flight (one
+  //    round trip for the default topk of 32), then summed per channel in slot order
+  float acc[CPL];
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) acc[c] = 0.f;
+  constexpr int R = 32;
+  for (int r0 = 0; r0 < k; r0 += R) {
+    uint32_t w[R];
+    float pr[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int r = r0 + u, s = r >> 5;
+      const float p0 = __shfl_sync(0xffffffffu, p[0], r & 31);
+      const float p1 = __shfl_sync(0xffffffffu, p[1], r & 31);
+      const long long q0 = __shfl_sync(0xffffffffu, row[0], r & 31);
+      const long long q1 = __shfl_sync(0xffffffffu, row[1], r & 31);
+      pr[u] = s == 0 ? p0 : p1;
+      w[u] = 0u;
+      if (r < k) {
+        const uint8_t* src = v_hi + (s == 0 ? q0 : q1) + CPL * lane;
+        if constexpr (CPL == 4) w[u] = *reinterpret_cast<const uint32_t*>(src);
+        else w[u] = *reinterpret_cast<const unsigned short*>(src);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      if (r0 + u >= k) break;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c)
+        acc[c] += pr[u] * fabsf(akv_bits_to_float(akv_join_bits((w[u] >> (8 * c)) & 0xFF, 0, 0, 8)));
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) o_est[head * D + CPL * lane + c] = acc[c];
+  if (counters && lane == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(k * D));
+}
+
+extern "C" __global__ void __launch_bounds__(32 * kShortEstimateWarps) akv_decode_estimate_short(
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ v_hi, int num_kv_heads, int group, int head_dim, int topk,
+    const float* __restrict__ block_max, const float* __restrict__ block_sum,
+    const int* __restrict__ block_arg, float* __restrict__ stats, float* __restrict__ o_est,
+    unsigned long long* __restrict__ counters) {
+  constexpr int NB = kEstimateSelectAbove;
+  static_assert(NB == 64, "two blocks per lane");
+  __shared__ int s_sel[kShortEstimateWarps][NB];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int hq = blockIdx.x * kShortEstimateWarps + warp, b = blockIdx.y;
+  const int num_q_heads = num_kv_heads * group;
+  if (hq >= num_q_heads) return;
+  const long long srow = ((long long)b * num_q_heads + hq) * blocks_per_seq;
+  // one round trip: everything that depends on the block index alone (entries past the
+  // sequence's blocks, within blocks_per_seq, are loaded and ignored)
+  float v[2] = {-INFINITY, -INFINITY}, e[2] = {0.f, 0.f};
+  int arg[2] = {0, 0}, phys[2] = {0, 0};
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int j = 32 * s + lane;
+    if (j < blocks_per_seq) {
+      v[s] = block_max[srow + j];
+      e[s] = block_sum[srow + j];
+      arg[s] = block_arg[srow + j];
+      phys[s] = block_table[(long long)b * blocks_per_seq + j];
+    }
+  }
+  const int n = lengths[b];
+  if (head_dim == 128)
+    estimate_short_head<4>(hq, b, n, blocks_per_seq, v_hi, num_kv_heads, group, topk, v, e, arg,
+                           phys, stats, o_est, counters, s_sel[warp]);
+  else
+    estimate_short_head<2>(hq, b, n, blocks_per_seq, v_hi, num_kv_heads, group, topk, v, e, arg,
+                           phys, stats, o_est, counters, s_sel[warp]);
+}
+
 // ---------------------------------------------------------------------- decode: values
 // akv_decode_values<D>: grid (max blocks over the batch, Hk, B); block 128 threads.
 // CTA (j, h, b) serves the GQA group of KV head h on logical block j:

@@ -118,6 +118,7 @@ def test_signatures_parse_every_entry_point():
     assert {"akv_append", "akv_decode_scores_d64", "akv_decode_scores_d128",
             "akv_decode_estimate", "akv_decode_values_d64", "akv_decode_values_d128",
             "akv_decode_combine"} <= set(sigs)
+    assert sigs["akv_decode_estimate_short"] == sigs["akv_decode_estimate"]
     for D in (64, 128):
         for G in range(1, 9):     # versions 2, 3: one instantiation per head size and group
             assert sigs[f"akv_decode_scores_v2_d{D}_g{G}"] == sigs[f"akv_decode_scores_d{D}"]
@@ -206,7 +207,17 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert scores["args"][16] == split and values["args"][14] == split
     assert values["args"][12] == NEVER_SKIP                     # the seed rule never skips
     assert combine["args"][4] == split
-    assert estimate["grid"] == (Hq, B, 1) and combine["grid"] == (Hq, B, 1)
+    # the 256-thread estimate kernel (18 CTAs: far below 4 per multiprocessor)
+    assert estimate["grid"] == (Hq, B, 1) and estimate["block"] == (256, 1, 1)
+    assert combine["grid"] == (Hq, B, 1)
+    backend.short_estimate = "always"        # the short kernel: one warp per query head
+    backend.attend(1, q, out, "aligned", cache.rule, 0x77, False, False)
+    short = fake.launches[-3]
+    assert short["name"] == "akv_decode_estimate_short"
+    assert short["grid"] == (-(-Hq // 4), B, 1) and short["block"] == (128, 1, 1)
+    assert short["args"] == estimate["args"]
+    assert len(short["args"]) == len(fake.signatures["akv_decode_estimate_short"])
+    backend.short_estimate = True
     assert all(x["stream"] == 0x77 for x in fake.launches)
     # version 4 stages its planes in opted-in dynamic shared memory (head_dim 64: 8 KB stages,
     # 8 for values, 6 for scores)
@@ -251,6 +262,30 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     # MHA caches start on version 3 (measured fastest there, docs/perf-notes.md)
     mha = AlignedKVCache(1, 2, 128, 64, backend="cuda")
     assert mha._backend.decode_version == 3 == default_decode_version(1)
+    # the short estimate kernel where the 256-thread one would run more than 4 CTAs per
+    # multiprocessor (Hq x B = 4 x 140 > 4 x 132), for up to 64 blocks per sequence (the
+    # longest of the batch)
+    B = 140
+    longer = AlignedKVCache(1, 1, 64, 65 * BLOCK_TOKENS, num_query_heads=4, batch_size=B,
+                            backend="cuda")
+    q = _info((B, 4, 64), (256, 64, 1), 0x30000)
+    for n, name in ((64 * BLOCK_TOKENS, "akv_decode_estimate_short"),
+                    (64 * BLOCK_TOKENS + 1, "akv_decode_estimate")):
+        longer._lengths[0] = n
+        longer._lengths[0][0] = 3
+        longer._backend.attend(0, q, q, "aligned", longer.rule, 0, False, False)
+        assert fake.launches[-3]["name"] == name
+    longer._backend.short_estimate = False
+    longer._lengths[0] = 64 * BLOCK_TOKENS
+    longer._backend.attend(0, q, q, "aligned", longer.rule, 0, False, False)
+    assert fake.launches[-3]["name"] == "akv_decode_estimate"
+    # 132 sequences: 528 CTAs, 4 per multiprocessor, stay on the 256-thread kernel
+    fewer = AlignedKVCache(1, 1, 64, 64 * BLOCK_TOKENS, num_query_heads=4, batch_size=132,
+                           backend="cuda")
+    fewer._lengths[0] = 64 * BLOCK_TOKENS
+    fewer._backend.attend(0, _info((132, 4, 64), (256, 64, 1), 0x30000), q, "aligned",
+                          fewer.rule, 0, False, False)
+    assert fake.launches[-3]["name"] == "akv_decode_estimate"
 
 
 def test_choose_split_fills_whole_waves():

@@ -247,22 +247,68 @@ def test_decode_steps_across_split_boundaries(rng, D, Hk, Hq, split):
         assert R.relative_error(out.cpu().numpy(), ref) < 2e-3, (step, n0 + step + 1)
 
 
-@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
-@pytest.mark.parametrize("blocks", [300, 600])
+@pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8), (128, 4, 4), (64, 1, 2)])
+@pytest.mark.parametrize("topk", [32, 5, 100])
+def test_short_estimate_equals_the_long_kernel_bit_for_bit(rng, D, Hk, Hq, topk):
+    """Up to 64 blocks per sequence the host may launch akv_decode_estimate_short (one warp
+    per query head) instead of the 256-thread kernel (kernels._estimate_launch); its
+    statistics, O_est, counters and so the whole call must be the same bits. Lengths from
+    1 token to exactly 64 blocks in one batch (paged), tied block maxima (repeated K blocks)
+    in two sequences, topk below, near and above the block count; the output also against
+    the reference."""
+    B, n = 4, 64 * BLOCK_TOKENS
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged=True)
+    K, V = kv_like(rng, B, Hk, n, D)
+    # sequences 2 and 3: whole K blocks repeated, so block maxima tie (V still differs)
+    pick = rng.integers(0, 3, n // BLOCK_TOKENS)
+    pat = K[2:, :, :3 * BLOCK_TOKENS].reshape(2, Hk, 3, BLOCK_TOKENS, D)
+    K[2:] = pat[:, :, pick].reshape(2, Hk, n, D)
+    append_both(gpu, cpu, 0, K, V)
+    # then shorter sequences in the same batch: the tokens past a length are never read
+    lengths = np.array([1, 63, n, 2000], np.int32)
+    torch.from_dlpack(gpu._backend.ws["lengths"])[0].copy_(torch.from_numpy(lengths))
+    gpu._lengths[0] = cpu._lengths[0] = lengths
+    rule = R.AlignmentRule(name="t", topk=topk, v_skip=14)
+    q = rng.standard_normal((B, Hq, D)).astype(np.float16)
+    backend = gpu._backend
+    results = []
+    for short in ("always", False):
+        backend.short_estimate = short
+        gpu.reset_counters()
+        for name in ("stats", "o_est"):     # a kernel that wrote nothing would show NaN
+            torch.from_dlpack(backend.ws[name]).fill_(float("nan"))
+        o, info = gpu.attend(0, torch.from_numpy(q).cuda(), mode="aligned", rule=rule,
+                             debug=True, count=True)
+        results.append((o.cpu().numpy(), info))
+    (o1, a), (o2, b2) = results
+    assert np.isfinite(a["stats"]).all() and np.isfinite(a["o_est"]).all()
+    assert np.array_equal(a["stats"].view(np.uint32), b2["stats"].view(np.uint32))
+    assert np.array_equal(a["o_est"].view(np.uint32), b2["o_est"].view(np.uint32))
+    assert a["counters"] == b2["counters"]
+    assert np.array_equal(o1.view(np.uint16), o2.view(np.uint16))
+    ref = cpu.attend(0, q, mode="aligned", rule=rule)
+    assert R.relative_error(o1, ref) < 2e-3
+
+
+@pytest.mark.parametrize("ties,blocks", [("distinct", 300), ("distinct", 600), ("tied", 300),
+                                         ("tied", 600), ("all", 300), ("all", 1100)])
 def test_estimate_over_long_sequences_matches_reference(rng, ties, blocks):
     """Above 64 blocks the estimate kernel finds the k-th largest block maximum by radix
     select before ranking the candidates; the decode tests above stay below 64 blocks. Here
-    301 and 601 blocks per sequence. ``tied``: every block repeats one of five K patterns, so block maxima tie
-    exactly (also at the k-th largest) while V differs, and only the reference's order
-    (value, then lower block) gives its O_est."""
+    301, 601 and 1101 blocks per sequence. ``tied``: every block repeats one of five K
+    patterns, so block maxima tie exactly (also at the k-th largest) while V differs, and
+    only the reference's order
+    (value, then lower block) gives its O_est. ``all``: every whole block is the same K
+    block, so all but the last maxima tie: at 1101 blocks more candidates than the kernel's
+    list holds (1024), and the rest count their rank alone."""
     B, Hk, Hq, D = 2, 1, 2, 64
     n = blocks * BLOCK_TOKENS + 17
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged=True)
     K, V = kv_like(rng, B, Hk, n, D)
-    if ties:
+    if ties != "distinct":
         nblk = -(-n // BLOCK_TOKENS)
         patterns = K[:, :, :5 * BLOCK_TOKENS].reshape(B, Hk, 5, BLOCK_TOKENS, D)
-        pick = rng.integers(0, 5, nblk)
+        pick = rng.integers(0, 5, nblk) if ties == "tied" else np.zeros(nblk, int)
         K = np.ascontiguousarray(patterns[:, :, pick].reshape(B, Hk, -1, D)[:, :, :n])
     append_both(gpu, cpu, 0, K, V)
     q = rng.standard_normal((B, Hq, D)).astype(np.float16)
@@ -271,7 +317,7 @@ def test_estimate_over_long_sequences_matches_reference(rng, ties, blocks):
     assert np.allclose(info["stats"][..., 0], ref["stats"][..., 0], rtol=1e-6, atol=1e-6)
     assert np.allclose(info["stats"][..., 1], ref["stats"][..., 1], rtol=1e-4)
     assert np.allclose(info["o_est"], ref["o_est"], rtol=1e-4, atol=1e-7)
-    if ties:   # the ties are real: several blocks share the 32nd-largest maximum
+    if ties != "distinct":   # the ties are real: several blocks share the 32nd-largest maximum
         nblk = -(-n // BLOCK_TOKENS)
         for b in range(B):
             padded = np.full((Hq, nblk * BLOCK_TOKENS), -np.inf, np.float32)
@@ -279,6 +325,8 @@ def test_estimate_over_long_sequences_matches_reference(rng, ties, blocks):
             bmax = padded.reshape(Hq, nblk, BLOCK_TOKENS).max(axis=-1)
             kth = np.sort(bmax, axis=-1)[:, -32]
             assert ((bmax == kth[:, None]).sum(axis=-1) > 1).all()
+            if ties == "all" and blocks == 1100:    # past the kernel's candidate list
+                assert ((bmax == kth[:, None]).sum(axis=-1) > 1024).all()
     assert R.relative_error(o.cpu().numpy(), o_ref) < 2e-3
 
 
