@@ -364,8 +364,8 @@ class CudaBackend:
         takes ~6 us up to about 2 CTAs per multiprocessor and grows with its CTA count; the
         one-warp-per-head kernel (akv_decode_estimate_short, up to SHORT_ESTIMATE_BLOCKS
         blocks) has a longer chain per warp but grows little. Query heads x sequences
-        (CTAs of the 256-thread kernel), 256-thread / short: 32 and 9 (batch 1): 5.9-6.1 /
-        7.0-7.5 us; 256: 6.4-6.6 / 7.8-8.0; 288: 6.9-7.0 / 7.2; 1024: 13.9-14.5 / 8.6
+        (CTAs of the 256-thread kernel), 256-thread / short: 9 and 32 (batch 1): 5.9-6.1 /
+        7.0-7.6 us; 256: 6.4-6.6 / 7.4-8.0; 288: 6.8-7.0 / 7.2; 1024: 13.9-14.5 / 8.4-8.6
         (GQA) and 14.7-15.8 / 9.2 (MHA). So the short kernel runs above
         SHORT_ESTIMATE_MIN_CTAS_PER_SM CTAs per multiprocessor."""
         if self.short_estimate == "always" or (

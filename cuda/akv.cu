@@ -485,9 +485,12 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
 
 // akv_decode_estimate_short: akv_decode_estimate's results (stats, O_est, counters) bit for
 // bit, for a batch whose sequences all have at most kEstimateSelectAbove (64) blocks: every
-// block is then a candidate and no select runs. It reads nothing past 64 blocks; the host
-// launches it only for such batches, and only where it is faster (kernels.py,
-// CudaBackend._estimate_launch). grid (ceil(Hq / 4), B); block 128 threads:
+// block is then a candidate and no select runs. (Not with NaN block maxima, a block whose
+// every score is NaN: there both kernels let several blocks claim slot 0, and which one
+// lands is a race in each.) The host launches it only for such batches, from its mirror
+// of the lengths, and only where it is faster (kernels.py, CudaBackend._estimate_launch);
+// the kernel does not check the bound (a longer sequence with topk > 64 would write past
+// its warp's slot row). grid (ceil(Hq / 4), B); block 128 threads:
 // one warp per query head, no block-wide barrier. Lane L holds blocks L and L + 32:
 //  1. one round trip: the length, each block's statistics, arg-max token and block-table
 //     entry; m and l merge as in akv_decode_estimate, where blocks 0-31 and 32-63 were the
@@ -497,13 +500,13 @@ extern "C" __global__ void __launch_bounds__(kEstimateThreads) akv_decode_estima
 //  3. a second round trip: every slot's V hi bytes of the lane's channels (4 bytes at
 //     head_dim 128, 2 at 64) at once, then O_est summed per channel in slot order.
 // One round trip less than the 256-thread kernel, but a longer chain per warp: measured at
-// 4k tokens, 7.0-8.0 us against 5.9-6.6 with up to 288 query heads x sequences, 8.6-9.2
+// 4k tokens, 7.0-8.0 us against 5.9-7.0 with up to 288 query heads x sequences, 8.4-9.2
 // against 13.9-15.8 with 1024 (docs/perf-notes.md, ninth session).
 constexpr int kShortEstimateWarps = 4;
 
 template <int CPL>   // channels per lane: head_dim / 32
 __device__ __forceinline__ void estimate_short_head(
-    int hq, int b, int n, int blocks_per_seq, const uint8_t* __restrict__ v_hi,
+    int hq, int b, int n, const uint8_t* __restrict__ v_hi,
     int num_kv_heads, int group, int topk, float v[2], float e[2], int arg[2], int phys[2],
     float* __restrict__ stats, float* __restrict__ o_est, unsigned long long* __restrict__ counters,
     int* s_sel) {
@@ -660,10 +663,10 @@ extern "C" __global__ void __launch_bounds__(32 * kShortEstimateWarps) akv_decod
   }
   const int n = lengths[b];
   if (head_dim == 128)
-    estimate_short_head<4>(hq, b, n, blocks_per_seq, v_hi, num_kv_heads, group, topk, v, e, arg,
+    estimate_short_head<4>(hq, b, n, v_hi, num_kv_heads, group, topk, v, e, arg,
                            phys, stats, o_est, counters, s_sel[warp]);
   else
-    estimate_short_head<2>(hq, b, n, blocks_per_seq, v_hi, num_kv_heads, group, topk, v, e, arg,
+    estimate_short_head<2>(hq, b, n, v_hi, num_kv_heads, group, topk, v, e, arg,
                            phys, stats, o_est, counters, s_sel[warp]);
 }
 

@@ -288,6 +288,26 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert fake.launches[-3]["name"] == "akv_decode_estimate"
 
 
+def test_host_constants_match_the_kernels():
+    """Launch geometry the host derives from constants of cuda/akv.cu: the short estimate
+    kernel's warps (query heads) per CTA and its block limit, the combine kernel's threads
+    per channel, the estimate kernel's block size."""
+    import re
+    from akv_runtime import kernels
+
+    src = cuda_sources()
+
+    def const(name):
+        m = re.search(rf"constexpr int {name} = (\d+);", src)
+        assert m, name
+        return int(m.group(1))
+
+    assert kernels.SHORT_ESTIMATE_HEADS == const("kShortEstimateWarps")
+    assert kernels.SHORT_ESTIMATE_BLOCKS == const("kEstimateSelectAbove")
+    assert kernels.COMBINE_CHAINS == const("kCombineChains")
+    assert kernels.ESTIMATE_THREADS == const("kEstimateThreads")
+
+
 def test_choose_split_fills_whole_waves():
     # batch 1 x 16k, MHA (32 KV heads): 6 scores CTAs per SM on 132 SMs = 792 slots. 8
     # blocks per CTA would launch 1024 CTAs (1.29 waves); 11 launch 768 (one wave). Measured

@@ -247,15 +247,16 @@ def test_decode_steps_across_split_boundaries(rng, D, Hk, Hq, split):
         assert R.relative_error(out.cpu().numpy(), ref) < 2e-3, (step, n0 + step + 1)
 
 
-@pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8), (128, 4, 4), (64, 1, 2)])
-@pytest.mark.parametrize("topk", [32, 5, 100])
+@pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8), (128, 4, 4), (64, 1, 2),
+                                     (128, 1, 8)])
+@pytest.mark.parametrize("topk", [1, 5, 32, 64, 100])
 def test_short_estimate_equals_the_long_kernel_bit_for_bit(rng, D, Hk, Hq, topk):
     """Up to 64 blocks per sequence the host may launch akv_decode_estimate_short (one warp
     per query head) instead of the 256-thread kernel (kernels._estimate_launch); its
     statistics, O_est, counters and so the whole call must be the same bits. Lengths from
-    1 token to exactly 64 blocks in one batch (paged), tied block maxima (repeated K blocks)
-    in two sequences, topk below, near and above the block count; the output also against
-    the reference."""
+    1 token (1 block) through 33 and 47 blocks (both halves of a lane's pair) to exactly
+    64 in one batch (paged), tied block maxima (repeated K blocks) in two sequences, groups
+    1 to 8, topk from 1 to above the block count; the output also against the reference."""
     B, n = 4, 64 * BLOCK_TOKENS
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged=True)
     K, V = kv_like(rng, B, Hk, n, D)
@@ -265,7 +266,7 @@ def test_short_estimate_equals_the_long_kernel_bit_for_bit(rng, D, Hk, Hq, topk)
     K[2:] = pat[:, :, pick].reshape(2, Hk, n, D)
     append_both(gpu, cpu, 0, K, V)
     # then shorter sequences in the same batch: the tokens past a length are never read
-    lengths = np.array([1, 63, n, 2000], np.int32)
+    lengths = np.array([1, 2100, n, 3000], np.int32)     # 1, 33, 64 and 47 blocks
     torch.from_dlpack(gpu._backend.ws["lengths"])[0].copy_(torch.from_numpy(lengths))
     gpu._lengths[0] = cpu._lengths[0] = lengths
     rule = R.AlignmentRule(name="t", topk=topk, v_skip=14)
