@@ -283,8 +283,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     fewer = AlignedKVCache(1, 1, 64, 64 * BLOCK_TOKENS, num_query_heads=4, batch_size=132,
                            backend="cuda")
     fewer._lengths[0] = 64 * BLOCK_TOKENS
-    fewer._backend.attend(0, _info((132, 4, 64), (256, 64, 1), 0x30000), q, "aligned",
-                          fewer.rule, 0, False, False)
+    q132 = _info((132, 4, 64), (256, 64, 1), 0x30000)
+    fewer._backend.attend(0, q132, q132, "aligned", fewer.rule, 0, False, False)
     assert fake.launches[-3]["name"] == "akv_decode_estimate"
 
 
