@@ -193,24 +193,36 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     candidates = [("sdpa_cudnn", None, lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
                   ("sdpa_flash", None, lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
                   ("eager", None, eager)]
-    from .kernels import default_decode_version
+    from .kernels import default_decode_version, env_fused
     default = default_decode_version(G)
     result["default_version"] = default
+    backend = cache._backend
+    fused = backend._use_fused(-(-ctx // 64), Hk, batch)
+    # "path": what a cache runs by default here, the fused kernel or the four launches of
+    # the default version; the untagged akv_full / akv_aligned time that path, the _vN ones
+    # the four launches of version N
+    result["path"] = "fused" if fused else "four"
     for version in sorted(set(versions) | {default}):
-        tag = "" if version == default else f"_v{version}"
-        candidates += [(f"akv_full{tag}", version, ours("full")),
-                       (f"akv_aligned{tag}", version, ours("aligned"))]
+        candidates += [(f"akv_full_v{version}", version, ours("full")),
+                       (f"akv_aligned_v{version}", version, ours("aligned"))]
+    candidates += [("akv_full", "default", ours("full")),
+                   ("akv_aligned", "default", ours("aligned"))]
     times = {}
     for name, version, fn in candidates:
-        if version is not None:
-            cache._backend.set_decode_version(version)
+        if version == "default":
+            backend.fused = env_fused()
+            backend.set_decode_version(default)
+        elif version is not None:
+            backend.fused = False
+            backend.set_decode_version(version)
         try:
             times[name] = _median_graph_ms(torch, fn, reps, rotate)
         except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
             times[name] = None
             result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
     result["ms"] = times
-    cache._backend.set_decode_version(default)
+    backend.fused = env_fused()
+    backend.set_decode_version(default)
     # each decode phase alone (aligned mode, default kernels), to place the time
     from .arrays import describe
     q_infos = [describe(q, "q") for q in qs]
@@ -268,7 +280,9 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
 
 def format_table(rows, copy_bw) -> str:
     """The short table: one row per case; ``algn vN`` columns for every kernel version timed
-    (the default version of a row, column ``v``, is its untagged full/aligned time)."""
+    (four launches); column ``v`` is the path a cache runs by default (``F``: the fused
+    kernel, else the default version), whose times are the ``full`` and ``aligned``
+    columns."""
     versions = sorted({int(k.rsplit("_v", 1)[1]) for r in rows for k in r["ms"]
                        if k.startswith("akv_aligned_v")} |
                       {r["default_version"] for r in rows if "default_version" in r})
@@ -282,13 +296,16 @@ def format_table(rows, copy_bw) -> str:
     for r in rows:
         t = r["ms"]
         default = r.get("default_version")
-        per_version = "".join(
-            " " + fmt(t.get("akv_aligned" if v == default else f"akv_aligned_v{v}"))
+        fused = r.get("path") == "fused"
+        per_version = "".join(       # rows written before the fused path: untagged = default
+            " " + fmt(t.get(f"akv_aligned_v{v}") or
+                      (t.get("akv_aligned") if v == default and not fused else None))
             for v in versions)
+        path = "F" if fused else (default if default is not None else "?")
         lines.append(
             f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
             f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))}{per_version} "
-            f"{default if default is not None else '?':>2} {fmt(t.get('akv_full'))} "
+            f"{path:>2} {fmt(t.get('akv_full'))} "
             f"{fmt(t.get('akv_aligned')):>8} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
             f"{(t['eager'] / t['akv_aligned']) if t.get('eager') and t.get('akv_aligned') else 0:8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "
@@ -353,8 +370,9 @@ def main(argv=None) -> int:
     rule = named_rule(args.rule)
     # every argument is checked before the GPU is looked for
     grid, versions = _grid_and_versions(parser, args)
-    from .kernels import env_decode_version, env_split_blocks
+    from .kernels import env_decode_version, env_fused, env_split_blocks
     try:
+        env_fused()
         env_decode_version()        # ignored here (--versions decides), but a cache refuses
         forced_split = env_split_blocks()      # a bad value: refuse it now, not mid-run
     except ValueError as exc:

@@ -141,6 +141,7 @@ def _reset_for_tests() -> None:
         _init_state.clear()
         _devices.clear()
         _modules.clear()
+        _CLUSTER_ATTRIBUTES.clear()
 
 
 # ----------------------------------------------------------------------------- device
@@ -271,6 +272,28 @@ def set_max_dynamic_shared(function, nbytes: int) -> None:
     check(_cu.cuFuncSetAttribute(function, attr, int(nbytes)), "cuFuncSetAttribute")
 
 
+def allow_non_portable_cluster(function) -> None:
+    """Let ``function`` launch with clusters of more than 8 CTAs (up to 16 on sm_90; the
+    driver refuses larger non-portable clusters unless the kernel opts in)."""
+    attr = _cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+    check(_cu.cuFuncSetAttribute(function, attr, 1), "cuFuncSetAttribute")
+
+
+def max_active_clusters(function, cluster: int, threads: int, shared_mem: int = 0) -> int:
+    """Clusters of ``cluster`` CTAs (``threads`` each, ``shared_mem`` bytes of dynamic shared
+    memory) of ``function`` that the device can run at once
+    (``cuOccupancyMaxActiveClusters``); 0 when such a cluster does not fit at all. Raises
+    CudaError."""
+    config = _cu.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = int(cluster), 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = int(threads), 1, 1
+    config.sharedMemBytes = int(shared_mem)
+    config.attrs = [_cluster_attribute(int(cluster))]
+    config.numAttrs = 1
+    return int(check(_cu.cuOccupancyMaxActiveClusters(function, config),
+                     "cuOccupancyMaxActiveClusters"))
+
+
 def max_active_blocks(function, threads: int, shared_mem: int = 0) -> int:
     """CTAs of ``function`` (``threads`` per CTA, ``shared_mem`` bytes of dynamic shared
     memory) that fit on one multiprocessor at once (its registers, shared memory and warp
@@ -361,13 +384,41 @@ def launch(function, grid, block, args, stream: int = 0, shared_mem: int = 0) ->
 
 
 def launch_packed(function, grid, block, address: int, stream: int = 0,
-                  shared_mem: int = 0) -> None:
+                  shared_mem: int = 0, cluster: int = 0) -> None:
     """:func:`launch` with arguments already packed by :func:`pack_args` (the caller keeps
-    them alive)."""
+    them alive).
+
+    ``cluster > 0`` launches thread-block clusters of ``cluster`` CTAs along x (compute
+    capability 9.0 and later; ``cuLaunchKernelEx`` with
+    ``CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION``); the grid's x must be a multiple of it."""
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
-    check(_cu.cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared_mem,
-                             _cu.CUstream(int(stream)), address, 0), "cuLaunchKernel")
+    if not cluster:
+        check(_cu.cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared_mem,
+                                 _cu.CUstream(int(stream)), address, 0), "cuLaunchKernel")
+        return
+    config = _cu.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = gx, gy, gz
+    config.blockDimX, config.blockDimY, config.blockDimZ = bx, by, bz
+    config.sharedMemBytes = int(shared_mem)
+    config.hStream = _cu.CUstream(int(stream))
+    config.attrs = [_cluster_attribute(int(cluster))]
+    config.numAttrs = 1
+    check(_cu.cuLaunchKernelEx(config, function, address, 0), "cuLaunchKernelEx")
+
+
+_CLUSTER_ATTRIBUTES: dict = {}
+
+
+def _cluster_attribute(size: int):
+    """The launch attribute for clusters of ``size`` x 1 x 1 CTAs (built once per size)."""
+    attr = _CLUSTER_ATTRIBUTES.get(size)
+    if attr is None:
+        attr = _cu.CUlaunchAttribute()
+        attr.id = _cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = size, 1, 1
+        _CLUSTER_ATTRIBUTES[size] = attr
+    return attr
 
 
 # ----------------------------------------------------------------------------- memory

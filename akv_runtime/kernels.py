@@ -2,7 +2,8 @@
 
 Owns the device buffers (planes of all layers, lengths, block table, the decode workspace and
 the byte counters, all sized at creation so the decode step allocates nothing) and launches
-the kernels of ``cuda/akv.cu`` on the caller's stream. Grid and block shapes mirror the
+the kernels of ``cuda/akv.cu`` (and, on compute capability 9.0, the fused kernel of
+``cuda/akv_fused.cu``) on the caller's stream. Grid and block shapes mirror the
 header comment of each kernel. Argument checks happen in :mod:`akv_runtime.cache` before any
 call reaches this module.
 """
@@ -31,6 +32,17 @@ SHORT_ESTIMATE_HEADS = 4
 #: CudaBackend._estimate_launch).
 SHORT_ESTIMATE_MIN_CTAS_PER_SM = 4
 VALUE_THREADS = 128
+#: The fused decode kernel (cuda/akv_fused.cu: kFusedThreads, kFusedMaxBlocks, kFusedMaxBpc):
+#: threads per CTA, the longest sequence it serves (64-token blocks) and the most blocks one
+#: CTA of a cluster owns; it needs thread-block clusters (compute capability 9.0).
+FUSED_THREADS = 512
+FUSED_MAX_BLOCKS = 64
+FUSED_MAX_BPC = 8
+FUSED_MIN_CAPABILITY = (9, 0)
+FUSED_CLUSTER_SIZES = (8, 16)
+#: The fused kernel runs by default only for batches of at most this many clusters
+#: (sequences x KV heads; see CudaBackend._use_fused).
+FUSED_MAX_CLUSTERS = 4
 #: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
 #: 3 and 4, cuda/akv_decode_v5.cuh: 5 and 6, cuda/akv_decode_v7.cuh: 7); $AKV_DECODE_VERSION
 #: picks one for benchmarks and tests. docs/perf-notes.md compares them. Version 4 exists for
@@ -82,6 +94,19 @@ def env_decode_version() -> int | None:
 
     Raises ValueError naming the variable unless it is one of DECODE_VERSIONS."""
     return _env_int("AKV_DECODE_VERSION", DECODE_VERSIONS, f"one of {DECODE_VERSIONS}")
+
+
+def env_fused():
+    """$AKV_FUSED: the CUDA backend's use of the fused kernel (CudaBackend.fused): unset,
+    empty or "1": where measured faster (True); "0": never (False); "always": wherever it
+    serves (measurements).
+
+    Raises ValueError naming the variable for anything else."""
+    env = os.environ.get("AKV_FUSED", "").strip()
+    choices = {"": True, "1": True, "0": False, "always": "always"}
+    if env not in choices:
+        raise ValueError(f"$AKV_FUSED: expected 0, 1 or always, got {env!r}")
+    return choices[env]
 
 
 def env_split_blocks() -> int | None:
@@ -149,6 +174,36 @@ def choose_split(nblk: int, rows: int, slots: int, cap: int) -> int:
     return max(s for s, c in costs.items() if c <= best * 1.02)
 
 
+def fused_smem_bytes(head_dim: int, group: int, bpc: int) -> int:
+    """Dynamic shared memory (bytes) of the fused kernel for ``bpc`` blocks per CTA, as
+    cuda/akv_fused.cu lays it out: the planes of its blocks (2 x head_dim x 64 bytes each;
+    at least the values' reduction, token groups x group x head_dim floats), the scores of
+    its tokens (group x bpc x 64 floats) and the partial sums (the scores' of four blocks x
+    four channel quarters, 16 x group x 65 floats, then O_est's, one float per thread)."""
+    token_groups = FUSED_THREADS // (head_dim // 4)
+    planes = max(bpc * 2 * head_dim * BLOCK_TOKENS, token_groups * group * head_dim * 4)
+    partials = max(16 * group * (BLOCK_TOKENS + 1), FUSED_THREADS)
+    return planes + group * bpc * BLOCK_TOKENS * 4 + partials * 4
+
+
+def fused_geometry(nblk: int, cluster: int | None = None) -> tuple[int, int]:
+    """(CTAs per cluster, blocks per CTA) of the fused kernel for sequences of at most
+    ``nblk`` blocks (1..FUSED_MAX_BLOCKS): clusters of 16 above 32 blocks, else of 8, unless
+    ``cluster`` (8 or 16) is given; blocks per CTA = ceil(nblk / cluster), at most
+    FUSED_MAX_BPC. Raises ValueError outside those ranges."""
+    if not 1 <= nblk <= FUSED_MAX_BLOCKS:
+        raise ValueError(f"nblk: the fused kernel serves 1..{FUSED_MAX_BLOCKS} blocks, got {nblk}")
+    if cluster is None:
+        cluster = 16 if nblk > 32 else 8
+    if cluster not in FUSED_CLUSTER_SIZES:
+        raise ValueError(f"cluster: expected one of {FUSED_CLUSTER_SIZES}, got {cluster!r}")
+    bpc = -(-nblk // cluster)
+    if bpc > FUSED_MAX_BPC:
+        raise ValueError(f"cluster: {cluster} CTAs of at most {FUSED_MAX_BPC} blocks cannot "
+                         f"serve {nblk} blocks")
+    return cluster, bpc
+
+
 def resolve_stream(stream, info) -> int:
     """The stream to launch on: the caller's, else torch's current stream for torch
     tensors, else the legacy default stream (0)."""
@@ -188,6 +243,12 @@ class CudaBackend:
         #: ("always"; tests and measurements), or never (False); see _estimate_launch
         self.short_estimate = True
         self._splits: dict = {}
+        #: the fused one-launch kernel (cuda/akv_fused.cu) where it serves and is faster
+        #: (True), wherever it serves ("always"; tests and measurements) or never (False);
+        #: see _use_fused. ``fused_cluster`` forces its cluster size (8 or 16).
+        self.fused = env_fused()
+        self.fused_cluster = None
+        self.k_fused, self.fused_max_cluster = self._load_fused(cache)
 
         layout = cache.layout
         self.layer_nbytes = {n: layout.layer_nbytes(n) for n in PLANE_NAMES}
@@ -206,6 +267,29 @@ class CudaBackend:
         self._debug = None
         self._plans: dict = {}
         self._append_plans: dict = {}
+
+    def _load_fused(self, cache) -> tuple:
+        """(kernel, largest usable cluster size) of the fused kernel for this cache's head_dim
+        and group, or (None, 0) where it cannot run: below compute capability 9.0, without
+        akv_fused.cubin for the device (a build older than the kernel), or where the driver
+        refuses its shared memory or clusters (another architecture's limits). Clusters of
+        16 CTAs only where cuOccupancyMaxActiveClusters says one fits; else 8. The four
+        launches serve every call then."""
+        if tuple(self.dev.compute_capability) < FUSED_MIN_CAPABILITY:
+            return None, 0
+        D, G = cache.head_dim, cache.num_query_heads // cache.num_kv_heads
+        try:
+            fn = driver.load_module(self.dev, "akv_fused").function(f"akv_decode_fused_d{D}_g{G}")
+            driver.set_max_dynamic_shared(fn, fused_smem_bytes(D, G, FUSED_MAX_BPC))
+            driver.allow_non_portable_cluster(fn)
+            fits = {cl: driver.max_active_clusters(
+                        fn, cl, FUSED_THREADS,
+                        fused_smem_bytes(D, G, -(-FUSED_MAX_BLOCKS // cl)))
+                    for cl in FUSED_CLUSTER_SIZES}
+        except (driver.CudaError, driver.NoCubinError):
+            return None, 0
+        usable = [cl for cl in FUSED_CLUSTER_SIZES if fits[cl] > 0]
+        return (fn, max(usable)) if usable else (None, 0)
 
     def set_decode_version(self, version: int) -> None:
         """Use decode kernels of ``version`` (one of DECODE_VERSIONS; the same tiers and bytes
@@ -326,18 +410,32 @@ class CudaBackend:
 
     def decode_phases(self, layer, q_info, out_ptr, mode, rule, stream, count=False,
                       k_map=0, v_map=0) -> list:
-        """The four decode launches as ``(name, callable)`` in order (DESIGN.md section 5).
+        """The decode launches as ``(name, callable)`` in order (DESIGN.md section 5): the
+        four phases (scores, estimate, values, combine), or the one fused launch where
+        :meth:`_use_fused` says so (cuda/akv_fused.cu).
 
         :meth:`attend` runs them all; the benchmark also times each alone (each reads only
         what earlier phases left in the workspace, so repeating one is harmless).
         The argument arrays are packed once per (layer, mode, rule, counting, debug maps,
         kernel version) and only the per-call values (q, its strides, the output, the splits)
-        are rewritten in place, so a decode step costs four driver calls and little Python.
+        are rewritten in place, so a decode step costs four driver calls (or one) and little
+        Python.
         """
         cache = self.cache
         B, Hq, D = q_info.shape
         Hk = cache.num_kv_heads
         nblk = blocks_for(int(cache._lengths[layer].max()))
+        go = driver.launch_packed
+        if self._use_fused(nblk, Hk, B):
+            plan = self._plan(layer, mode, rule, count, k_map, v_map, fused=True)
+            plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
+            plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
+            cluster, bpc = fused_geometry(max(nblk, 1), self.fused_cluster or
+                                          (8 if self.fused_max_cluster < 16 else None))
+            plan.bpc.value = bpc
+            smem = fused_smem_bytes(D, Hq // Hk, bpc)
+            return [("fused", lambda: go(self.k_fused, (cluster, Hk, B), (FUSED_THREADS,),
+                                         plan.fused, stream, smem, cluster))]
         score_split, split = self.splits(nblk, Hk, B)
         score_splits, splits = -(-nblk // score_split), -(-nblk // split)
         plan = self._plan(layer, mode, rule, count, k_map, v_map)
@@ -346,7 +444,6 @@ class CudaBackend:
         plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
         chains = combine_chains(splits, Hq * B, D, self.dev.multiprocessors)
         estimate = self._estimate_launch(nblk, Hq, B)
-        go = driver.launch_packed
         return [
             ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
                                   plan.scores, stream, self.scores_smem)),
@@ -356,6 +453,23 @@ class CudaBackend:
             ("combine", lambda: go(self.k_combine, (Hq, B), (chains * D,), plan.combine,
                                    stream)),
         ]
+
+    def _use_fused(self, nblk: int, Hk: int, B: int) -> bool:
+        """Whether a decode call over sequences of at most ``nblk`` blocks runs the fused
+        kernel (one launch of clusters, cuda/akv_fused.cu) instead of the four launches: only
+        where it exists (compute capability 9.0) and serves (at most FUSED_MAX_BLOCKS
+        blocks); with ``fused`` True only where it was measured faster, at most
+        FUSED_MAX_CLUSTERS clusters (B x Hk); "always" wherever it serves; never when False.
+
+        Measured on the H200 at 4k tokens (docs/perf-notes.md, tenth session; CUDA-graph
+        medians, fused / four launches): SmolLM2 1 x 4k (3 clusters) 14.1-14.2 / 15.7-15.8 us;
+        Llama-3-8B 1 x 4k (8 clusters) 25.4-25.8 / 23.6-24.0; Llama-2-7B 1 x 4k (32) 51.5 /
+        30.0; Llama-3-8B 8 x 4k (64) 121 / 58. A cluster's CTAs take 13-17 us from start to
+        end at batch 1, and the H200 holds only 7 clusters of 16 CTAs at one CTA per
+        multiprocessor, so beyond a few clusters they share multiprocessors or wait."""
+        if self.k_fused is None or not self.fused or nblk > FUSED_MAX_BLOCKS:
+            return False
+        return self.fused == "always" or B * Hk <= FUSED_MAX_CLUSTERS
 
     def _estimate_launch(self, nblk: int, Hq: int, B: int) -> tuple:
         """(kernel, grid, block) of the estimate phase for sequences of at most ``nblk``
@@ -376,9 +490,10 @@ class CudaBackend:
                         (32 * SHORT_ESTIMATE_HEADS,))
         return (self.k_estimate, (Hq, B), (ESTIMATE_THREADS,))
 
-    def _plan(self, layer, mode, rule, count, k_map, v_map):
+    def _plan(self, layer, mode, rule, count, k_map, v_map, fused=False):
         """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`)."""
-        key = (layer, mode, rule, bool(count), k_map, v_map, self.decode_version)
+        key = (layer, mode, rule, bool(count), k_map, v_map,
+               "fused" if fused else self.decode_version)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -386,6 +501,21 @@ class CudaBackend:
         Hq, Hk, D = cache.num_query_heads, cache.num_kv_heads, cache.head_dim
         G, bps = Hq // Hk, cache.blocks_per_sequence
         plan = _DecodePlan()
+        if fused:
+            counters = ptr(self.ws["counters"].ptr if count else 0)
+            p = {n: ptr(self._plane_ptr(n, layer)) for n in PLANE_NAMES}
+            debug = [ptr(self.ws[n].ptr if k_map else 0) for n in ("scores", "stats", "o_est")]
+            plan.pack("fused", [
+                plan.q_ptr, plan.q_sb, plan.q_sh, ptr(self._lengths_ptr(layer)),
+                ptr(self.ws["block_table"].ptr), i32(bps), p["k_hi"], p["k_mid"], p["k_lo"],
+                p["k_exp_max"], p["v_hi"], p["v_mid"], p["v_lo"], p["v_exp_max"], i32(Hk),
+                f32(1.0 / np.sqrt(D)), i32(1 if mode == "full" else 0),
+                i32(rule.k_thresholds[0]), i32(rule.k_thresholds[1]),
+                i32(rule.v_thresholds[0]), i32(rule.v_thresholds[1]), i32(rule.v_skip_gap),
+                i32(rule.v_bias), i32(rule.topk), plan.bpc, plan.out_ptr, counters,
+                ptr(k_map), ptr(v_map), *debug])
+            self._plans[key] = plan
+            return plan
         score_extra = [plan.score_split] if self.decode_version >= 3 else []
         extra = [plan.split] if self.decode_version >= 3 else []
         counters = ptr(self.ws["counters"].ptr if count else 0)
@@ -492,6 +622,7 @@ class _DecodePlan:
         self.q_sb, self.q_sh = ctypes_i64(0), ctypes_i64(0)
         self.split = i32(1)
         self.score_split = i32(1)
+        self.bpc = i32(1)
         self._keep = []
 
     def pack(self, name, args):

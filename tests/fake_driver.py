@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import re
+import types
 from pathlib import Path
 
 CUDA_ROOT = Path(__file__).resolve().parent.parent / "cuda"
@@ -138,6 +139,22 @@ class CUdevice_attribute(enum.IntEnum):
 
 class CUfunction_attribute(enum.IntEnum):
     CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+    CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
+
+
+class CUlaunchAttributeID(enum.IntEnum):
+    CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+
+
+class CUlaunchAttribute:
+    def __init__(self):
+        self.id = None
+        self.value = types.SimpleNamespace(clusterDim=types.SimpleNamespace(x=0, y=0, z=0))
+
+
+class CUlaunchConfig:
+    def __init__(self):
+        self.attrs, self.numAttrs = [], 0
 
 
 class _Handle(int):
@@ -158,11 +175,16 @@ class FakeDriver:
     CUresult = CUresult
     CUdevice_attribute = CUdevice_attribute
     CUfunction_attribute = CUfunction_attribute
+    CUlaunchAttributeID = CUlaunchAttributeID
+    CUlaunchAttribute = CUlaunchAttribute
+    CUlaunchConfig = CUlaunchConfig
     CUstream = staticmethod(CUstream)
     CUdeviceptr = staticmethod(CUdeviceptr)
 
-    def __init__(self, compute_capability=(9, 0), devices=1, fail=None, occupancy=None):
+    def __init__(self, compute_capability=(9, 0), devices=1, fail=None, occupancy=None,
+                 clusters=None):
         self.cc = compute_capability
+        self.clusters = dict(clusters or {})
         self.occupancy = dict(occupancy or {})   # kernel name -> resident CTAs (default 8)
         self.devices = devices
         self.fail = dict(fail or {})       # call name -> CUresult to return
@@ -227,6 +249,35 @@ class FakeDriver:
     def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, fn, threads, smem):
         return self._result("cuOccupancyMaxActiveBlocksPerMultiprocessor",
                             self.occupancy.get(fn, 8))
+
+    def cuOccupancyMaxActiveClusters(self, fn, config):
+        """``clusters`` (constructor): cluster size -> clusters that fit (default 7 of 16
+        CTAs, 15 of 8, as the H200 reported for the fused kernel)."""
+        size = config.attrs[0].value.clusterDim.x if config.numAttrs else 1
+        return self._result("cuOccupancyMaxActiveClusters",
+                            self.clusters.get(size, {8: 15, 16: 7}.get(size, 0)))
+
+    def cuLaunchKernelEx(self, config, fn, params, extra):
+        """Recorded as cuLaunchKernel's launches, with the cluster size (CTAs along x) the
+        attributes ask for; the real driver's checks that the fake repeats: the grid's x a
+        multiple of the cluster, more than 8 CTAs only after the kernel opted in."""
+        cluster = 0
+        for attr in config.attrs[:config.numAttrs]:
+            if attr.id == CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION:
+                dim = attr.value.clusterDim
+                if (dim.y, dim.z) != (1, 1):
+                    return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+                cluster = dim.x
+        opted = self.function_attributes.get(
+            (fn, "CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED"), 0)
+        if cluster and (config.gridDimX % cluster or (cluster > 8 and not opted)):
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+        result = self.cuLaunchKernel(fn, config.gridDimX, config.gridDimY, config.gridDimZ,
+                                     config.blockDimX, config.blockDimY, config.blockDimZ,
+                                     config.sharedMemBytes, config.hStream, params, extra)
+        if result[0] == CUresult.CUDA_SUCCESS:
+            self.launches[-1]["cluster"] = cluster
+        return result
 
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         kinds = self.signatures[fn]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from akv_runtime import driver
+from akv_runtime import driver, kernels
 from akv_runtime.arrays import ArrayInfo
 from akv_runtime.cache import AlignedKVCache
 from akv_runtime.kernels import choose_split, combine_chains, default_decode_version
@@ -24,7 +24,9 @@ def fake(monkeypatch, tmp_path):
     for arch in ("sm_80", "sm_90"):
         (tmp_path / arch).mkdir()
         (tmp_path / arch / "akv.cubin").write_bytes(f"cubin for {arch}".encode())
-    manifest = {"architectures": {a: {"akv.cubin": {}} for a in ("sm_80", "sm_90")}}
+        (tmp_path / arch / "akv_fused.cubin").write_bytes(f"fused cubin for {arch}".encode())
+    manifest = {"architectures": {a: {"akv.cubin": {}, "akv_fused.cubin": {}}
+                                  for a in ("sm_80", "sm_90")}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("AKV_CUBIN_DIR", str(tmp_path))
     driver._reset_for_tests()
@@ -155,6 +157,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     B, Hk, Hq, D, L = 2, 3, 9, 64, 2
     cache = AlignedKVCache(L, Hk, D, 300, num_query_heads=Hq, batch_size=B, backend="cuda")
     backend = cache._backend
+    backend.fused = False          # the four launches here; the fused kernel's test is below
     assert cache.device.startswith("Fake GPU (compute capability 9.0, cubin sm_90)")
     # a GQA cache (group 3) starts on the tensor-core kernels of version 7
     assert backend.decode_version == 7 == default_decode_version(3)
@@ -268,6 +271,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     B = 140
     longer = AlignedKVCache(1, 1, 64, 65 * BLOCK_TOKENS, num_query_heads=4, batch_size=B,
                             backend="cuda")
+    longer._backend.fused = False
     q = _info((B, 4, 64), (256, 64, 1), 0x30000)
     for n, name in ((64 * BLOCK_TOKENS, "akv_decode_estimate_short"),
                     (64 * BLOCK_TOKENS + 1, "akv_decode_estimate")):
@@ -282,10 +286,113 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     # 132 sequences: 528 CTAs, 4 per multiprocessor, stay on the 256-thread kernel
     fewer = AlignedKVCache(1, 1, 64, 64 * BLOCK_TOKENS, num_query_heads=4, batch_size=132,
                            backend="cuda")
+    fewer._backend.fused = False
     fewer._lengths[0] = 64 * BLOCK_TOKENS
     q132 = _info((132, 4, 64), (256, 64, 1), 0x30000)
     fewer._backend.attend(0, q132, q132, "aligned", fewer.rule, 0, False, False)
     assert fake.launches[-3]["name"] == "akv_decode_estimate"
+
+
+def test_fused_kernel_launch(fake):
+    """The fused kernel (cuda/akv_fused.cu): one launch of clusters per decode call where it
+    serves (up to 64 blocks per sequence, compute capability 9.0), grid (cluster, Hk, B),
+    its dynamic shared memory opted in, clusters of 16 allowed; the four launches above 64
+    blocks and when switched off; not loaded below compute capability 9.0."""
+    B, Hk, Hq, D = 3, 2, 8, 128
+    cache = AlignedKVCache(1, Hk, D, 65 * BLOCK_TOKENS, num_query_heads=Hq, batch_size=B,
+                           backend="cuda")
+    backend = cache._backend
+    # 6 clusters (3 sequences x 2 KV heads): above FUSED_MAX_CLUSTERS, the four launches by
+    # default; one sequence (2 clusters) takes the fused kernel
+    assert not backend._use_fused(64, Hk, B) and backend._use_fused(64, Hk, 2)
+    assert not backend._use_fused(65, Hk, 1)
+    backend.fused = "always"
+    name = "akv_decode_fused_d128_g4"
+    sig = fake.signatures[name]
+    assert fake.function_attributes[(name, "CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED")] == 1
+    assert fake.function_attributes[(name, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES")] == \
+        kernels.fused_smem_bytes(D, 4, kernels.FUSED_MAX_BPC)
+    q = _info((B, Hq, D), (Hq * D, D, 1), 0x30000)
+    out = _info((B, Hq, D), (Hq * D, D, 1), 0x40000)
+    for n, cluster, bpc in ((1, 8, 1), (32 * BLOCK_TOKENS, 8, 4), (32 * BLOCK_TOKENS + 1, 16, 3),
+                            (64 * BLOCK_TOKENS, 16, 4)):
+        cache._lengths[0] = n
+        cache._lengths[0][0] = 1            # the longest sequence sets the geometry
+        fake.launches.clear()
+        backend.attend(0, q, out, "aligned", cache.rule, 0x77, False, False)
+        (launch,) = fake.launches
+        assert launch["name"] == name and len(launch["args"]) == len(sig)
+        assert launch["grid"] == (cluster, Hk, B) and launch["block"] == (512, 1, 1)
+        assert launch["cluster"] == cluster and launch["stream"] == 0x77
+        assert launch["smem"] == kernels.fused_smem_bytes(D, 4, bpc)
+        args = launch["args"]
+        assert args[:3] == [0x30000, Hq * D, D] and args[25] == 0x40000
+        assert args[24] == bpc and args[23] == cache.rule.topk
+        assert args[-5:] == [0, 0, 0, 0, 0]   # no counters, tier maps or debug outputs
+    backend.fused_cluster = 8               # forced: 64 blocks in 8 CTAs of 8
+    backend.attend(0, q, out, "full", cache.rule, 0, True, False)
+    assert fake.launches[-1]["grid"] == (8, Hk, B) and fake.launches[-1]["args"][24] == 8
+    assert fake.launches[-1]["args"][16] == 1 and fake.launches[-1]["args"][26] == \
+        backend.ws["counters"].ptr
+    backend.fused_cluster = None
+    cache._lengths[0] = 64 * BLOCK_TOKENS + 1                       # 65 blocks: four launches
+    fake.launches.clear()
+    backend.attend(0, q, out, "aligned", cache.rule, 0, False, False)
+    assert len(fake.launches) == 4 and fake.launches[0]["name"].startswith("akv_decode_scores")
+    cache._lengths[0] = 64
+    backend.fused = True                    # by default: 6 clusters, the four launches
+    fake.launches.clear()
+    backend.attend(0, q, out, "aligned", cache.rule, 0, False, False)
+    assert len(fake.launches) == 4
+    backend.fused = False
+    fake.launches.clear()
+    backend.attend(0, q, out, "aligned", cache.rule, 0, False, False)
+    assert len(fake.launches) == 4
+    with pytest.raises(ValueError, match="cluster"):
+        kernels.fused_geometry(64, 4)
+    with pytest.raises(ValueError, match="nblk"):
+        kernels.fused_geometry(65)
+    cache.close()
+    fake.cc = (8, 0)
+    driver._reset_for_tests()
+    older = AlignedKVCache(1, Hk, D, 64, num_query_heads=Hq, backend="cuda")
+    assert older._backend.k_fused is None
+    older.close()
+
+
+def test_fused_kernel_falls_back_where_it_cannot_run(fake, monkeypatch, tmp_path):
+    """Where clusters of 16 do not fit, the fused kernel runs in clusters of 8; where the
+    driver refuses its shared memory, or the build has no akv_fused.cubin, the cache is
+    created all the same and every call takes the four launches."""
+    B, Hk, Hq, D = 1, 2, 8, 128
+    q = _info((B, Hq, D), (Hq * D, D, 1), 0x30000)
+    fake.clusters = {16: 0}
+    cache = AlignedKVCache(1, Hk, D, 64 * BLOCK_TOKENS, num_query_heads=Hq, backend="cuda")
+    assert cache._backend.fused_max_cluster == 8
+    cache._lengths[0] = 64 * BLOCK_TOKENS
+    fake.launches.clear()
+    cache._backend.attend(0, q, q, "aligned", cache.rule, 0, False, False)
+    (launch,) = fake.launches
+    assert launch["cluster"] == 8 and launch["grid"] == (8, Hk, B) and launch["args"][24] == 8
+    cache.close()
+    fake.clusters = {}
+    fake.fail["cuFuncSetAttribute"] = CUresult.CUDA_ERROR_INVALID_VALUE
+    refused = AlignedKVCache(1, Hk, D, 64, num_query_heads=Hq, backend="cuda")
+    assert refused._backend.k_fused is None
+    refused._lengths[0] = 64
+    fake.launches.clear()
+    refused._backend.attend(0, q, q, "aligned", refused.rule, 0, False, False)
+    assert len(fake.launches) == 4
+    refused.close()
+    del fake.fail["cuFuncSetAttribute"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for files in manifest["architectures"].values():
+        files.pop("akv_fused.cubin")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    driver._reset_for_tests()
+    older_build = AlignedKVCache(1, Hk, D, 64, num_query_heads=Hq, backend="cuda")
+    assert older_build._backend.k_fused is None
+    older_build.close()
 
 
 def test_host_constants_match_the_kernels():
@@ -306,6 +413,9 @@ def test_host_constants_match_the_kernels():
     assert kernels.SHORT_ESTIMATE_BLOCKS == const("kEstimateSelectAbove")
     assert kernels.COMBINE_CHAINS == const("kCombineChains")
     assert kernels.ESTIMATE_THREADS == const("kEstimateThreads")
+    assert kernels.FUSED_THREADS == const("kFusedThreads")
+    assert kernels.FUSED_MAX_BLOCKS == const("kFusedMaxBlocks")
+    assert kernels.FUSED_MAX_BPC == const("kFusedMaxBpc")
 
 
 def test_choose_split_fills_whole_waves():
@@ -336,6 +446,7 @@ def test_default_decode_version_by_group():
     ("AKV_SPLIT_BLOCKS", "0", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'0'"),
     ("AKV_SPLIT_BLOCKS", "9", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'9'"),
     ("AKV_SPLIT_BLOCKS", "x", r"\$AKV_SPLIT_BLOCKS"),
+    ("AKV_FUSED", "yes", r"\$AKV_FUSED: expected 0, 1 or always, got 'yes'"),
 ])
 def test_bad_environment_variables_are_named(fake, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -351,4 +462,10 @@ def test_environment_variables_pick_version_and_split(fake, monkeypatch):
     cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
     assert cache._backend.decode_version == 5
     assert cache._backend.splits(100, 4, 1) == (3, 3)
+    assert cache._backend.fused is True         # unset: where measured faster
     cache.close()
+    for value, expected in (("0", False), ("1", True), (" always ", "always")):
+        monkeypatch.setenv("AKV_FUSED", value)
+        cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
+        assert cache._backend.fused == expected
+        cache.close()

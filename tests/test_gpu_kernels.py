@@ -31,7 +31,10 @@ def kv_like(rng, B, Hk, S, D, outliers=True):
     return K, V.astype(np.float16)
 
 
-def make_pair(rng, L, Hk, Hq, D, B, max_len, paged=False):
+def make_pair(rng, L, Hk, Hq, D, B, max_len, paged=False, fused=False):
+    """A CUDA cache and a numpy cache of the same shape. ``fused``: the CUDA backend's choice
+    of the one-launch fused kernel (False: the four launches of the decode version under
+    test, which most tests here exercise; "always": the fused kernel wherever it serves)."""
     bps = -(-max_len // BLOCK_TOKENS)
     table = None
     if paged:
@@ -40,7 +43,23 @@ def make_pair(rng, L, Hk, Hq, D, B, max_len, paged=False):
               num_blocks=(B * bps + 3) if paged else None)
     gpu = AlignedKVCache(L, Hk, D, max_len, backend="cuda", **kw)
     cpu = AlignedKVCache(L, Hk, D, max_len, backend="numpy", **kw)
+    if fused and gpu._backend.k_fused is None:
+        pytest.skip("the fused kernel needs compute capability 9.0 (thread-block clusters)")
+    gpu._backend.fused = fused
     return gpu, cpu
+
+
+def fused_once(decode_version, fused):
+    """The fused kernel does not depend on the decode version: run its cases under one."""
+    if fused and decode_version != 3:
+        pytest.skip("the fused kernel is the same under every decode version (run under v3)")
+
+
+def uses_fused(gpu, B) -> bool:
+    """Whether the CUDA cache's next decode call on layer 0 runs the fused kernel."""
+    backend = gpu._backend
+    nblk = -(-int(gpu._lengths[0].max()) // BLOCK_TOKENS)
+    return backend._use_fused(nblk, gpu.num_kv_heads, B)
 
 
 def append_both(gpu, cpu, layer, K, V):
@@ -106,11 +125,15 @@ def _fill(rng, gpu, cpu, B, Hk, D, n):
                                                 (128, 2, 8, 3, 300, False),
                                                 (64, 2, 2, 2, 70, True),
                                                 (128, 1, 8, 2, 400, False)])   # group 8
-@pytest.mark.parametrize("split", [None, 3], ids=["auto", "split3"])
-def test_decode_full_matches_fp16_attention(rng, D, Hk, Hq, B, n, paged, split):
-    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged)
+@pytest.mark.parametrize("split,fused", [(None, False), (3, False), (None, "always")],
+                         ids=["auto", "split3", "fused"])
+def test_decode_full_matches_fp16_attention(rng, decode_version, D, Hk, Hq, B, n, paged, split,
+                                            fused):
+    fused_once(decode_version, fused)
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, fused)
     gpu._backend.forced_split = split       # None: one block per CTA at these sizes
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
+    assert uses_fused(gpu, B) == bool(fused)
     q = rng.standard_normal((B, Hq, D)).astype(np.float16)
     o = gpu.attend(0, torch.from_numpy(q).cuda(), mode="full").cpu().numpy()
     o_ref = cpu.attend(0, q, mode="full")
@@ -155,7 +178,14 @@ def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, spli
     limit is 16; batch 1 x 16k runs 11) with 5 per values CTA, with partial last splits."""
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
     gpu._backend.forced_split = split
+    check_aligned_call(rng, gpu, cpu, D, Hk, Hq, B, n, rule)
+
+
+def check_aligned_call(rng, gpu, cpu, D, Hk, Hq, B, n, rule):
+    """Fill both caches with n tokens per sequence, attend once with debug and counters,
+    and check tiers, statistics, O_est, counters and output against the reference."""
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
+    assert uses_fused(gpu, B) == bool(gpu._backend.fused)
     sharp = 4 if rule.v_skip is not None else 1          # peaked weights: the skip tier occurs
     q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D))) * sharp
          ).astype(np.float16)
@@ -226,14 +256,16 @@ def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, spli
 
 
 @pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8), (128, 4, 4)])
-@pytest.mark.parametrize("split", [None, 3], ids=["auto", "split3"])
-def test_decode_steps_across_split_boundaries(rng, D, Hk, Hq, split):
+@pytest.mark.parametrize("split,fused", [(None, False), (3, False), (None, "always")],
+                         ids=["auto", "split3", "fused"])
+def test_decode_steps_across_split_boundaries(rng, decode_version, D, Hk, Hq, split, fused):
     """Decode steps (append one token, attend) whose block and split counts change between
     calls (6 blocks -> 7: with splits of 3, two splits -> three). Each step's output, written
     into a NaN-filled buffer, must be the reference's: nothing of an earlier call's
     workspace (partials of a split that no longer exists, statistics) shows through."""
     B, n0, steps = 2, 3 * 2 * BLOCK_TOKENS - 2, 5       # 6 blocks -> 7 (splits of 3: 2 -> 3)
-    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n0 + steps)
+    fused_once(decode_version, fused)
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n0 + steps, fused=fused)
     gpu._backend.forced_split = split
     _fill(rng, gpu, cpu, B, Hk, D, n0)
     out = torch.empty((B, Hq, D), dtype=torch.float16, device="cuda")
@@ -349,9 +381,11 @@ def test_dlpack_exports_same_memory():
     assert gpu._backend.host_planes(1)["v_hi"][0, 0, 0, 0] == 0x3C
 
 
-def test_launch_on_non_default_stream(rng):
+@pytest.mark.parametrize("fused", [False, "always"], ids=["four", "fused"])
+def test_launch_on_non_default_stream(rng, decode_version, fused):
+    fused_once(decode_version, fused)
     D, Hk = 64, 2
-    gpu, cpu = make_pair(rng, 1, Hk, Hk, D, 1, 256)
+    gpu, cpu = make_pair(rng, 1, Hk, Hk, D, 1, 256, fused=fused)
     K, V = kv_like(rng, 1, Hk, 200, D)
     q = rng.standard_normal((1, Hk, D)).astype(np.float16)
     side = torch.cuda.Stream()
@@ -371,9 +405,11 @@ def test_launch_on_non_default_stream(rng):
     assert R.relative_error(out.cpu().numpy(), cpu.attend(0, q)) < 2e-3
 
 
-def test_inf_and_nan_survive_every_tier(rng):
+@pytest.mark.parametrize("fused", [False, "always"], ids=["four", "fused"])
+def test_inf_and_nan_survive_every_tier(rng, decode_version, fused):
+    fused_once(decode_version, fused)
     D, Hk = 64, 1
-    gpu, cpu = make_pair(rng, 1, Hk, Hk, D, 1, 128)
+    gpu, cpu = make_pair(rng, 1, Hk, Hk, D, 1, 128, fused=fused)
     K, V = kv_like(rng, 1, Hk, 100, D)
     K[0, 0, 5, 3] = np.inf
     V[0, 0, 7, 2] = -np.inf
