@@ -39,6 +39,11 @@
 // equal the reference up to fp32 summation order (GPU tests, tests/test_gpu_fused.py).
 // Measured (docs/perf-notes.md, tenth session): faster than the four launches only with
 // few clusters; the host's rule is CudaBackend._use_fused.
+// Repeated here on purpose: the group's K tier loop of akv3::score_prologue, version 7's
+// k-step (fp16 assembly and mma) and akv_block_stats2's reductions. Moving them into shared
+// helpers changes the SASS of 48 of the four launches' scores kernels (cuobjdump compared,
+// the same instruction counts, other schedules), which would need the GPU check to run
+// again; a session with device time for it can share them.
 //
 // grid (CL, Hk, B), cluster (CL, 1, 1), block kFusedThreads (512) threads, dynamic shared
 // memory fused_smem_bytes(D, G, bpc) (kernels.py mirrors it). Requires CL * bpc >= the

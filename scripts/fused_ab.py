@@ -35,7 +35,6 @@ def main(count: int) -> None:
     rule = named_rule("tuned")
     g = torch.Generator(device="cuda")
     g.manual_seed(1)
-    cu = driver._cu
     for Hq, Hk, D, B, ctx in CASES[:count]:
         rot = 4
         cache = AlignedKVCache(rot, Hk, D, ctx, num_query_heads=Hq, batch_size=B, backend="cuda")
@@ -51,16 +50,10 @@ def main(count: int) -> None:
             be.fused, be.fused_cluster = fused, cl
             res[label] = _median_graph_ms(
                 torch, lambda i: cache.attend(i, qs[i], out=out, rule=rule), 20, rot) * 1e3
-        occ = {}
-        for cl in (8, 16):
-            _, bpc = kernels.fused_geometry(-(-ctx // 64), cl)
-            cfg = cu.CUlaunchConfig()
-            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = cl, Hk, B
-            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = kernels.FUSED_THREADS, 1, 1
-            cfg.sharedMemBytes = kernels.fused_smem_bytes(D, Hq // Hk, bpc)
-            cfg.attrs = [driver._cluster_attribute(cl)]
-            cfg.numAttrs = 1
-            occ[cl] = driver.check(cu.cuOccupancyMaxActiveClusters(be.k_fused, cfg))
+        occ = {cl: driver.max_active_clusters(
+                   be.k_fused, cl, kernels.FUSED_THREADS,
+                   kernels.fused_smem_bytes(D, Hq // Hk, kernels.fused_geometry(-(-ctx // 64), cl)[1]))
+               for cl in (8, 16)}
         print(f"Hq={Hq} Hk={Hk} D={D} B={B} ctx={ctx}: "
               + " ".join(f"{k} {v:.1f} us" for k, v in res.items())
               + f"; max active clusters of 8 / 16: {occ[8]} / {occ[16]}", flush=True)

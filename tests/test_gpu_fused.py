@@ -10,8 +10,8 @@ import pytest
 from akv_runtime import reference as R
 from akv_runtime.layout import BLOCK_TOKENS
 
-from test_gpu_kernels import (SKIPPING, append_both, check_aligned_call, kv_like, make_pair,
-                              uses_fused)
+from test_gpu_kernels import (ALIGNED_SHAPES, SKIPPING, append_both, check_aligned_call,
+                              kv_like, make_pair, uses_fused)
 
 pytestmark = pytest.mark.gpu
 
@@ -19,15 +19,9 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.mark.parametrize("rule", [R.SEED_RULE, SKIPPING], ids=["seed", "v_skip"])
-@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1500, False),
-                                                (64, 3, 9, 2, 2100, True),
-                                                (128, 8, 32, 1, 700, False),
-                                                (64, 2, 12, 1, 600, True),     # group 6
-                                                (128, 2, 4, 2, 900, True),     # group 2
-                                                (64, 1, 7, 1, 500, False),     # group 7
-                                                (128, 1, 5, 1, 650, False),    # group 5
-                                                (128, 2, 8, 2, 4096, True),    # 64 blocks
-                                                (64, 3, 9, 1, 4033, False)])   # 64, one token
+@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", ALIGNED_SHAPES + [
+    (128, 2, 8, 2, 4096, True),    # 64 blocks
+    (64, 3, 9, 1, 4033, False)])   # 64, one token into the last
 @pytest.mark.parametrize("cluster", [8, 16])
 def test_fused_decode_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, cluster):
     """The fused kernel (cuda/akv_fused.cu, one launch of clusters) under the same checks

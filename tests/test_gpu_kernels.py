@@ -161,14 +161,19 @@ SKIPPING = R.AlignmentRule(name="skip-test", v_skip=8)    # aggressive: with the
                                                            # queries below, many tokens skip
 
 
+#: (head_dim, KV heads, query heads, batch, tokens, paged) of the aligned-decode checks
+#: (check_aligned_call); tests/test_gpu_fused.py runs them through the fused kernel too.
+ALIGNED_SHAPES = [(128, 4, 4, 2, 1500, False),
+                  (64, 3, 9, 2, 2100, True),
+                  (128, 8, 32, 1, 700, False),
+                  (64, 2, 12, 1, 600, True),     # group 6
+                  (128, 2, 4, 2, 900, True),     # group 2
+                  (64, 1, 7, 1, 500, False),     # group 7
+                  (128, 1, 5, 1, 650, False)]    # group 5
+
+
 @pytest.mark.parametrize("rule", [R.SEED_RULE, SKIPPING], ids=["seed", "v_skip"])
-@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1500, False),
-                                                (64, 3, 9, 2, 2100, True),
-                                                (128, 8, 32, 1, 700, False),
-                                                (64, 2, 12, 1, 600, True),     # group 6
-                                                (128, 2, 4, 2, 900, True),     # group 2
-                                                (64, 1, 7, 1, 500, False),     # group 7
-                                                (128, 1, 5, 1, 650, False)])   # group 5
+@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", ALIGNED_SHAPES)
 @pytest.mark.parametrize("split", [None, 3, 8, (13, 5)],
                          ids=["auto", "split3", "split8", "split13_5"])
 def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, split):
