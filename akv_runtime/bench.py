@@ -2,7 +2,9 @@
 
 Times, in one run on the same data, torch SDPA (cuDNN and flash backends), plain eager
 attention, our ``full`` mode and our ``aligned`` mode, plus a device-to-device copy for the
-bandwidth ceiling; reports ms (median of CUDA-graph replays), the speed-up against cuDNN, the
+bandwidth ceiling; reports ms (median of CUDA-graph replays; a shape's candidates are
+timed in interleaved rounds of shuffled order, :func:`_interleaved_median_ms`), the
+speed-up against cuDNN, the
 bytes our kernels read (their own counters), bits per value, effective bandwidth and its
 fraction of the copy bandwidth, and the GPU time of appending one decode token to a layer
 over one layer's aligned attention (:func:`append_graph_ms`). Buffers rotate over up to 8 layers so that repeated calls
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -53,13 +56,14 @@ def full_grid():
     return grid
 
 
-def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
-    """Median ms of one call, from CUDA-graph replays of ``reps`` calls cycling ``rotate``
-    buffer sets (fn(i) runs on set i % rotate)."""
+def _capture_graph(torch, fn, reps: int, rotate: int):
+    """A CUDA graph of ``reps`` calls cycling ``rotate`` buffer sets (fn(i) runs on set
+    i % rotate), after one uncaptured call per set (module load, workspace). The kernels'
+    arguments are copied into the graph at capture, so a backend may change state after."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for i in range(rotate):  # warm-up outside capture (module load, workspace)
+        for i in range(rotate):
             fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
@@ -67,6 +71,40 @@ def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
     with torch.cuda.graph(graph):
         for i in range(reps):
             fn(i % rotate)
+    return graph
+
+
+def _interleaved_median_ms(torch, graphs: dict, rounds: int = 7) -> dict:
+    """Median ms of one replay of each captured graph (name -> graph), timed in ``rounds``
+    rounds that replay every graph once, each round in its own shuffled order (seeded, so
+    a run repeats), after one untimed replay each. Timing the candidates round by round
+    rather than one after another keeps a drift of the GPU's speed over the run out of
+    their ratios, and the shuffles a candidate's place in the round (what ran just before
+    it). It does not remove the spread between two graphs of the same kernels at the
+    largest shapes (up to 8 % in the eleventh session's grid; docs/perf-notes.md)."""
+    for graph in graphs.values():
+        graph.replay()
+    torch.cuda.synchronize()
+    samples = {name: [] for name in graphs}
+    order = list(graphs.items())
+    shuffle = random.Random(2026)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for name, graph in order:
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
+    """Median ms of one call, from CUDA-graph replays of ``reps`` calls cycling ``rotate``
+    buffer sets (fn(i) runs on set i % rotate)."""
+    graph = _capture_graph(torch, fn, reps, rotate)
     ms = _replay_median_ms(torch, graph) / reps
     del graph
     return ms
@@ -194,7 +232,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
                   ("sdpa_flash", None, lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
                   ("eager", None, eager)]
     from .kernels import default_decode_version, env_fused
-    default = default_decode_version(G)
+    default = default_decode_version(G, D)
     result["default_version"] = default
     backend = cache._backend
     fused = backend._use_fused(-(-ctx // 64), Hk, batch)
@@ -207,7 +245,9 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
                        (f"akv_aligned_v{version}", version, ours("aligned"))]
     candidates += [("akv_full", "default", ours("full")),
                    ("akv_aligned", "default", ours("aligned"))]
-    times = {}
+    # every candidate captured first, then timed in interleaved rounds
+    # (_interleaved_median_ms), so that no candidate is favoured by its place in the run
+    graphs, times = {}, {}
     for name, version, fn in candidates:
         if version == "default":
             backend.fused = env_fused()
@@ -216,11 +256,14 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
             backend.fused = False
             backend.set_decode_version(version)
         try:
-            times[name] = _median_graph_ms(torch, fn, reps, rotate)
+            graphs[name] = _capture_graph(torch, fn, reps, rotate)
         except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
             times[name] = None
             result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
-    result["ms"] = times
+    times.update({name: ms / reps for name, ms in
+                  _interleaved_median_ms(torch, graphs).items()})
+    del graphs
+    result["ms"] = {name: times[name] for name, _, _ in candidates}
     backend.fused = env_fused()
     backend.set_decode_version(default)
     # each decode phase alone (aligned mode, default kernels), to place the time

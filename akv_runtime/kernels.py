@@ -48,13 +48,18 @@ FUSED_MAX_CLUSTERS = 4
 #: picks one for benchmarks and tests. docs/perf-notes.md compares them. Version 4 exists for
 #: GQA groups up to 4; larger groups run version 3. Versions 5 and 6 run the values phase on
 #: tensor cores (6: at head_dim 128 two warps share a block's channels, 8 CTAs per SM);
-#: version 7 also the scores phase (q·Kᵀ), with version 6's values kernel.
-DECODE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+#: version 7 also the scores phase (q·Kᵀ), with version 6's values kernel; version 8
+#: (cuda/akv_decode_v8.cuh) is version 7 with one warp per 64-token block in the scores
+#: kernel (no cross-warp partial sums), and launches version 7's values kernel.
+DECODE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: Warps of one version-8 scores CTA, each owning whole blocks of the CTA's split.
+V8_WARPS = 4
 
 
-def default_decode_version(group: int) -> int:
+def default_decode_version(group: int, head_dim: int = 128) -> int:
     """The decode kernel version a cache of GQA group size ``group`` (query heads per KV
-    head) runs unless $AKV_DECODE_VERSION says otherwise: 3 for MHA, 7 for every GQA group.
+    head) and ``head_dim`` runs unless $AKV_DECODE_VERSION says otherwise: 3 for MHA; for
+    GQA groups 8 at head_dim 64 and 7 at head_dim 128.
 
     Measured on the H200 (docs/benchmarks.md, 2026-11-29, seventh session, commit 8e77e05,
     `bash scripts/gpu_check.sh --versions 3,7 --rule tuned`): MHA (group 1) is fastest on
@@ -67,10 +72,21 @@ def default_decode_version(group: int) -> int:
     8 x 16k: 0.211 against 0.423, same-call runs of the seventh session's call 6); at
     batch 1 it wins or ties except SmolLM2 1 x 16k (0.030 against 0.027). Groups 2 and 5-7
     run it too (GPU tests cover 2-8; no timing at 2, 5-7).
-    """
+
+    Version 8 (one warp per block in the scores kernel, version 7's values kernel) was
+    measured against version 7 in the eleventh session (docs/perf-notes.md; 11 same-call
+    runs, H200): SmolLM2 (group 3, head_dim 64) 32 x 16k 0.126-0.127 against 0.128-0.131 ms,
+    8 x 16k 0.047 against 0.048, 8 x 4k 0.024-0.027 against 0.025-0.027, 32 x 4k and
+    1 x 16k equal; Llama-3-8B (group 4, head_dim 128) 8 x 16k 0.163-0.164 against
+    0.159-0.160, 1 x 4k 0.027-0.028 against 0.024, 8 x 4k equal. So version 8 at head_dim
+    64 (groups other than 3 untimed), version 7 at 128.
+
+    Raises ValueError unless ``group`` is a positive integer."""
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
-    return 3 if group == 1 else 7
+    if group == 1:
+        return 3
+    return 8 if head_dim == 64 else 7
 
 
 def _env_int(name: str, allowed, expected: str) -> int | None:
@@ -234,7 +250,7 @@ class CudaBackend:
         self.k_estimate_short = fn("akv_decode_estimate_short")
         self.k_combine = fn("akv_decode_combine")
         group = cache.num_query_heads // cache.num_kv_heads
-        self.default_decode_version = default_decode_version(group)
+        self.default_decode_version = default_decode_version(group, cache.head_dim)
         env_version = env_decode_version()
         self.set_decode_version(self.default_decode_version if env_version is None
                                 else env_version)
@@ -304,7 +320,8 @@ class CudaBackend:
         fn = self.module.function
         suffix = f"d{D}" if version == 1 else f"v{version}_d{D}_g{G}"
         self.k_scores = fn(f"akv_decode_scores_{suffix}")
-        self.k_values = fn(f"akv_decode_values_{suffix}")
+        values_suffix = f"v7_d{D}_g{G}" if version == 8 else suffix
+        self.k_values = fn(f"akv_decode_values_{values_suffix}")
         self.scores_smem = self.values_smem = 0
         if version == 4:
             stage = 2 * BLOCK_TOKENS * D
@@ -337,9 +354,17 @@ class CudaBackend:
         if found is None:
             rows = num_kv_heads * batch
             sms = self.dev.multiprocessors
+            if self.decode_version == 8:
+                # four warps per CTA, each a block at a time: the model's unit is a warp's
+                # share, V8_WARPS blocks of the split
+                per_warp = choose_split(-(-nblk // V8_WARPS), rows, sms * self.scores_per_sm,
+                                        MAX_SCORE_SPLIT_BLOCKS // V8_WARPS)
+                score = min(MAX_SCORE_SPLIT_BLOCKS, V8_WARPS * per_warp)
+            else:
+                score = choose_split(nblk, rows, sms * self.scores_per_sm,
+                                     MAX_SCORE_SPLIT_BLOCKS)
             found = self._splits[key] = (
-                choose_split(nblk, rows, sms * self.scores_per_sm, MAX_SCORE_SPLIT_BLOCKS),
-                choose_split(nblk, rows, sms * self.values_per_sm, MAX_SPLIT_BLOCKS))
+                score, choose_split(nblk, rows, sms * self.values_per_sm, MAX_SPLIT_BLOCKS))
         return found
 
     # ------------------------------------------------------------------ helpers

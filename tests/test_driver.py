@@ -137,6 +137,9 @@ def test_signatures_parse_every_entry_point():
             for v in (5, 6, 7):   # versions 5-7 (tensor cores): version 3's parameters
                 assert sigs[f"akv_decode_scores_v{v}_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
                 assert sigs[f"akv_decode_values_v{v}_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
+            # version 8: its own scores kernel (version 3's parameters), version 7's values
+            assert sigs[f"akv_decode_scores_v8_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
+            assert f"akv_decode_values_v8_d{D}_g{G}" not in sigs
 
 
 def test_combine_chains_spreads_long_sums_while_one_wave_holds_them():
@@ -159,8 +162,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     backend = cache._backend
     backend.fused = False          # the four launches here; the fused kernel's test is below
     assert cache.device.startswith("Fake GPU (compute capability 9.0, cubin sm_90)")
-    # a GQA cache (group 3) starts on the tensor-core kernels of version 7
-    assert backend.decode_version == 7 == default_decode_version(3)
+    # a GQA cache (group 3, head_dim 64) starts on version 8's scores kernel
+    assert backend.decode_version == 8 == default_decode_version(3, 64)
     # buffers: one per plane set, zero-filled, the block table uploaded
     table = backend.ws["block_table"].to_numpy()
     assert np.array_equal(table, cache.block_table)
@@ -255,8 +258,17 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
         "akv_decode_scores_v6_d64_g3", "akv_decode_estimate", "akv_decode_values_v6_d64_g3",
         "akv_decode_combine"]
     assert fake.launches[-2]["args"][14] == split and fake.launches[-2]["smem"] == 0
+    backend.set_decode_version(8)     # version 8: its scores kernel, version 7's values
+    backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
+    assert [x["name"] for x in fake.launches[-4:]] == [
+        "akv_decode_scores_v8_d64_g3", "akv_decode_estimate", "akv_decode_values_v7_d64_g3",
+        "akv_decode_combine"]
+    # its split model counts a warp's share (a quarter of the split): 64 blocks x 32 rows
+    # fit one wave at one block per warp, 4 per CTA (version 6 above: 2 per CTA)
+    assert backend.splits(512, 32, 8) == (16, 8) and backend.splits(64, 32, 1) == (4, 2)
+    assert fake.launches[-4]["args"][16] == backend.splits(nblk, Hk, B)[0] == 4
     with pytest.raises(ValueError, match="decode version"):
-        backend.set_decode_version(8)
+        backend.set_decode_version(9)
     cache.close()
     # version 4 has no kernels for GQA groups above 4: such caches run version 3
     big_group = AlignedKVCache(1, 1, 128, 64, num_query_heads=8, backend="cuda")
@@ -435,13 +447,15 @@ def test_choose_split_fills_whole_waves():
 
 def test_default_decode_version_by_group():
     assert [default_decode_version(g) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
+    assert [default_decode_version(g, 64) for g in range(1, 9)] == [3, 8, 8, 8, 8, 8, 8, 8]
+    assert default_decode_version(4, 128) == 7
     with pytest.raises(ValueError, match="group"):
         default_decode_version(0)
 
 
 @pytest.mark.parametrize("name,value,message", [
     ("AKV_DECODE_VERSION", "abc", r"\$AKV_DECODE_VERSION: expected one of .*'abc'"),
-    ("AKV_DECODE_VERSION", "9", r"\$AKV_DECODE_VERSION: expected one of .*'9'"),
+    ("AKV_DECODE_VERSION", "10", r"\$AKV_DECODE_VERSION: expected one of .*'10'"),
     ("AKV_DECODE_VERSION", "0", r"\$AKV_DECODE_VERSION"),
     ("AKV_SPLIT_BLOCKS", "0", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'0'"),
     ("AKV_SPLIT_BLOCKS", "9", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'9'"),
