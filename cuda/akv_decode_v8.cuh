@@ -21,7 +21,7 @@
 // Tiers, counters and block statistics as version 7; the scores differ in fp32 summation
 // order (one accumulator chain over all channels instead of four quarter sums).
 // Measured (H200, docs/perf-notes.md, eleventh session): 2 % faster than version 7 at head
-// dim 64 (SmolLM2, batch >= 8), 2-3 % slower at head_dim 128 and 15 % at Llama-3-8B 1 x 4k,
+// dim 64 (SmolLM2, batch >= 8), 2-3 % slower at head_dim 128 and 16 % at Llama-3-8B 1 x 4k,
 // where a warp's eight dependent item steps per block replace version 7's one round trip;
 // the host runs it by default at head_dim 64 only (kernels.default_decode_version). Both
 // kernels are bound by load latency (Nsight Compute: long-scoreboard stalls, DRAM at 62 %
