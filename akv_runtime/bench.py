@@ -74,31 +74,51 @@ def _capture_graph(torch, fn, reps: int, rotate: int):
     return graph
 
 
-def _interleaved_median_ms(torch, graphs: dict, rounds: int = 7) -> dict:
+def _interleaved_median_ms(torch, graphs: dict, rounds: int = 7,
+                           errors: dict | None = None) -> dict:
     """Median ms of one replay of each captured graph (name -> graph), timed in ``rounds``
     rounds that replay every graph once, each round in its own shuffled order (seeded, so
     a run repeats), after one untimed replay each. Timing the candidates round by round
     rather than one after another keeps a drift of the GPU's speed over the run out of
     their ratios, and the shuffles a candidate's place in the round (what ran just before
     it). It does not remove the spread between two graphs of the same kernels at the
-    largest shapes (up to 8 % in the eleventh session's grid; docs/perf-notes.md)."""
-    for graph in graphs.values():
-        graph.replay()
-    torch.cuda.synchronize()
+    largest shapes (up to 8 % in the eleventh session's grid; docs/perf-notes.md). Where
+    the data fit in L2, the candidate before a graph in its round evicts some of its data,
+    which back-to-back replays of one graph (earlier sessions' timing) did not.
+
+    A graph whose replay raises gets None, its exception (type: message) goes into
+    ``errors`` under its name, and it leaves the later rounds; the others are timed on."""
     samples = {name: [] for name in graphs}
+    failed = {}
+
+    def replay(name, graph):
+        try:
+            graph.replay()
+        except Exception as exc:  # noqa: BLE001 - one candidate's failure is data
+            failed[name] = f"{type(exc).__name__}: {exc}"[:200]
+
+    for name, graph in graphs.items():
+        replay(name, graph)
+    torch.cuda.synchronize()
     order = list(graphs.items())
     shuffle = random.Random(2026)
     for _ in range(rounds):
         shuffle.shuffle(order)
         for name, graph in order:
+            if name in failed:
+                continue
             start, end = (torch.cuda.Event(enable_timing=True),
                           torch.cuda.Event(enable_timing=True))
             start.record()
-            graph.replay()
+            replay(name, graph)
             end.record()
             end.synchronize()
-            samples[name].append(start.elapsed_time(end))
-    return {name: statistics.median(t) for name, t in samples.items()}
+            if name not in failed:
+                samples[name].append(start.elapsed_time(end))
+    if errors is not None:
+        errors.update(failed)
+    return {name: None if name in failed else statistics.median(t)
+            for name, t in samples.items()}
 
 
 def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
@@ -260,8 +280,11 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
         except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
             times[name] = None
             result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
-    times.update({name: ms / reps for name, ms in
-                  _interleaved_median_ms(torch, graphs).items()})
+    replay_errors = {}
+    times.update({name: None if ms is None else ms / reps for name, ms in
+                  _interleaved_median_ms(torch, graphs, errors=replay_errors).items()})
+    for name, message in replay_errors.items():
+        result.setdefault("errors", {})[name] = message
     del graphs
     result["ms"] = {name: times[name] for name, _, _ in candidates}
     backend.fused = env_fused()

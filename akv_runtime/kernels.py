@@ -56,7 +56,7 @@ DECODE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 V8_WARPS = 4
 
 
-def default_decode_version(group: int, head_dim: int = 128) -> int:
+def default_decode_version(group: int, head_dim: int) -> int:
     """The decode kernel version a cache of GQA group size ``group`` (query heads per KV
     head) and ``head_dim`` runs unless $AKV_DECODE_VERSION says otherwise: 3 for MHA; for
     GQA groups 8 at head_dim 64 and 7 at head_dim 128.
@@ -66,18 +66,18 @@ def default_decode_version(group: int, head_dim: int = 128) -> int:
     version 3 at every MHA shape of the grid but two (8 x 16k: 0.407 against version 7's
     0.428 ms; 1 x 4k: 0.032 against 0.034); version 7 was ahead at 8 x 32k (0.837 against
     0.923; those timings are bimodal between runs) and 32 x 16k (1.634 against 1.656).
-    Version 7 (tensor cores for q·Kᵀ and p·V) is the fastest version at every GQA shape
-    timed at batch >= 8: groups of 3 (SmolLM2, 8 x 16k: 0.050 ms against version 3's
+    Version 7 (tensor cores for q·Kᵀ and p·V) was the fastest of versions 1-7 at every GQA
+    shape timed at batch >= 8: groups of 3 (SmolLM2, 8 x 16k: 0.050 ms against version 3's
     0.059), 4 (Llama-3-8B, 8 x 16k: 0.161 against 0.235) and 8 (Llama-3-70B's shape,
     8 x 16k: 0.211 against 0.423, same-call runs of the seventh session's call 6); at
     batch 1 it wins or ties except SmolLM2 1 x 16k (0.030 against 0.027). Groups 2 and 5-7
     run it too (GPU tests cover 2-8; no timing at 2, 5-7).
 
     Version 8 (one warp per block in the scores kernel, version 7's values kernel) was
-    measured against version 7 in the eleventh session (docs/perf-notes.md; 11 same-call
-    runs, H200): SmolLM2 (group 3, head_dim 64) 32 x 16k 0.126-0.127 against 0.128-0.131 ms,
-    8 x 16k 0.047 against 0.048, 8 x 4k 0.024-0.027 against 0.025-0.027, 32 x 4k and
-    1 x 16k equal; Llama-3-8B (group 4, head_dim 128) 8 x 16k 0.163-0.164 against
+    measured against version 7 in the eleventh session (docs/perf-notes.md; same-call
+    runs, H200): SmolLM2 (group 3, head_dim 64) 32 x 16k 0.126-0.127 against 0.128-0.131 ms
+    (11 runs), 8 x 16k 0.047-0.048 against 0.048 (6 runs), 8 x 4k 0.024-0.027 against
+    0.025-0.027, 32 x 4k and 1 x 16k equal; Llama-3-8B (group 4, head_dim 128) 8 x 16k 0.163-0.164 against
     0.159-0.160, 1 x 4k 0.027-0.028 against 0.024, 8 x 4k equal. So version 8 at head_dim
     64 (groups other than 3 untimed), version 7 at 128.
 
@@ -340,7 +340,10 @@ class CudaBackend:
         """Blocks per CTA of the scores kernel and of the values kernel, for sequences of at
         most ``nblk`` blocks: 1 for versions 1-2; for versions >= 3 :func:`choose_split` with
         each kernel's own occupancy (resident CTAs per multiprocessor, from the driver), at
-        most MAX_SCORE_SPLIT_BLOCKS and MAX_SPLIT_BLOCKS. ``forced_split``
+        most MAX_SCORE_SPLIT_BLOCKS and MAX_SPLIT_BLOCKS; version 8's scores split is
+        V8_WARPS times a warp's share, :func:`choose_split` over ceil(nblk / V8_WARPS)
+        blocks with a cap of MAX_SCORE_SPLIT_BLOCKS / V8_WARPS (so at least 4, possibly
+        more than ``nblk``: a warp without a block idles). ``forced_split``
         ($AKV_SPLIT_BLOCKS; tests and experiments) replaces both: an int for both kernels,
         or a (scores, values) pair, each capped by its kernel's maximum."""
         if self.decode_version < 3:

@@ -59,7 +59,7 @@ struct Planes {
 };
 
 // ------------------------------------------------------------------------------- scores
-// The scores kernels' prologue (versions 3-7): for a split of `count` blocks from block
+// The scores kernels' prologue (versions 3-8): for a split of `count` blocks from block
 // `first` of sequence b, KV head h, hands each q value of the group to qstore(g, i, q_gi)
 // and fills s_eq (q's exponent fields, at least 1), s_phys (physical blocks) and s_tier
 // (each (block, channel) K tier; rule: DESIGN.md section 4, docs/design.md; up to group 3
@@ -673,7 +673,7 @@ __device__ __forceinline__ void values(
 
 }  // namespace akv3
 
-// Entry points of the split kernels (versions 3-7): one signature for every version's scores
+// Entry points of the split kernels (versions 3-8): one signature for every version's scores
 // kernel and one for its values kernel. FN is the device function, parenthesised (its
 // template arguments hold commas); the rest are __launch_bounds__' arguments (128 threads, and
 // the minimum CTAs per SM where a version caps its registers; `128, 1` is not the same as

@@ -18,11 +18,14 @@
 // A lane's planes of one k-step (an "item": 4 hi rows of 8 bytes, 4 mid and 4 lo words) are
 // loaded two items ahead through a ring of two register sets; the last two items of a block
 // fetch the first two of the warp's next block, so they are in flight during the epilogue.
-// Tiers, counters and block statistics as version 7; the scores differ in fp32 summation
-// order (one accumulator chain over all channels instead of four quarter sums).
+// Tiers and counters as version 7; the scores differ in fp32 summation order (one
+// accumulator chain over all channels instead of four quarter sums), and so does each
+// block's sum of exponentials (8 terms per lane, then three shuffles, against version 7's
+// two per lane and five shuffles).
 // Measured (H200, docs/perf-notes.md, eleventh session): 2 % faster than version 7 at head
-// dim 64 (SmolLM2, batch >= 8), 2-3 % slower at head_dim 128 and 16 % at Llama-3-8B 1 x 4k,
-// where a warp's eight dependent item steps per block replace version 7's one round trip;
+// dim 64 (SmolLM2, batch 8 and 32 at 16k; equal at 32 x 4k), 2-3 % slower at head_dim 128
+// and 16 % at Llama-3-8B 1 x 4k, where a warp's eight dependent item steps per block (and
+// a quarter of version 7's CTAs in one wave) replace version 7's one round trip per CTA;
 // the host runs it by default at head_dim 64 only (kernels.default_decode_version). Both
 // kernels are bound by load latency (Nsight Compute: long-scoreboard stalls, DRAM at 62 %
 // of peak at Llama-3-8B 8 x 16k); more bytes in flight through shared memory (cp.async, a
@@ -254,6 +257,9 @@ __device__ __forceinline__ void scores(
 
 // Version 8's scores kernel: at least 6 CTAs per SM (80 registers) at every shape; at 9
 // (version 7's choice at head_dim 64, groups up to 3) its two-item ring spills ~300 bytes.
+// At 80 registers ptxas still spills a little at some shapes (nvcc 13.0, sm_90: 4 / 8
+// bytes stored / loaded at head_dim 64 group 3, 8-12 / 20-32 at 64 groups 7-8, 8 / 12 at
+// 128 group 2, 96 / 60 at 128 group 8; none elsewhere).
 #ifndef AKV8_SCORE_MINB
 #define AKV8_SCORE_MINB 6
 #endif

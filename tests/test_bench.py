@@ -90,3 +90,56 @@ def test_bad_environment_is_a_usage_error_before_the_gpu_check(name, value, monk
         bench.main(["--case", "llama2-7b:1:64"])
     assert exc.value.code == 2
     assert f"${name}" in capsys.readouterr().err
+
+
+class _FakeEvent:
+    clock = [0.0]
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = _FakeEvent.clock[0]
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+class _FakeGraph:
+    """Advances the fake clock by ``ms`` per replay; raises on replay ``fail_at`` (0 = the
+    untimed one)."""
+
+    def __init__(self, ms, fail_at=None):
+        self.ms, self.fail_at, self.replays = ms, fail_at, 0
+
+    def replay(self):
+        self.replays += 1
+        if self.fail_at is not None and self.replays > self.fail_at:
+            raise RuntimeError("illegal address")
+        _FakeEvent.clock[0] += self.ms
+
+
+class _FakeTorch:
+    class cuda:
+        Event = _FakeEvent
+
+        @staticmethod
+        def synchronize():
+            pass
+
+
+def test_interleaved_timing_medians_and_a_failing_candidate():
+    graphs = {"a": _FakeGraph(1.0), "b": _FakeGraph(2.5), "bad": _FakeGraph(9.0, fail_at=3)}
+    errors = {}
+    ms = bench._interleaved_median_ms(_FakeTorch, graphs, rounds=5, errors=errors)
+    assert ms == {"a": 1.0, "b": 2.5, "bad": None}          # the others are still timed
+    assert errors == {"bad": "RuntimeError: illegal address"}
+    # one untimed replay each, then one per round; the failed one leaves the later rounds
+    assert graphs["a"].replays == graphs["b"].replays == 6 and graphs["bad"].replays == 4
+    # a failure in the untimed replay: no timed replays at all
+    late = {"x": _FakeGraph(1.0, fail_at=0), "y": _FakeGraph(3.0)}
+    assert bench._interleaved_median_ms(_FakeTorch, late, rounds=3) == {"x": None, "y": 3.0}
+    assert late["x"].replays == 1

@@ -276,7 +276,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert big_group._backend.decode_version == 3
     # MHA caches start on version 3 (measured fastest there, docs/perf-notes.md)
     mha = AlignedKVCache(1, 2, 128, 64, backend="cuda")
-    assert mha._backend.decode_version == 3 == default_decode_version(1)
+    assert mha._backend.decode_version == 3 == default_decode_version(1, 128)
     # the short estimate kernel where the 256-thread one would run more than 4 CTAs per
     # multiprocessor (Hq x B = 4 x 140 > 4 x 132), for up to 64 blocks per sequence (the
     # longest of the batch)
@@ -446,11 +446,10 @@ def test_choose_split_fills_whole_waves():
 
 
 def test_default_decode_version_by_group():
-    assert [default_decode_version(g) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
+    assert [default_decode_version(g, 128) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
     assert [default_decode_version(g, 64) for g in range(1, 9)] == [3, 8, 8, 8, 8, 8, 8, 8]
-    assert default_decode_version(4, 128) == 7
     with pytest.raises(ValueError, match="group"):
-        default_decode_version(0)
+        default_decode_version(0, 128)
 
 
 @pytest.mark.parametrize("name,value,message", [

@@ -169,7 +169,12 @@ ALIGNED_SHAPES = [(128, 4, 4, 2, 1500, False),
                   (64, 2, 12, 1, 600, True),     # group 6
                   (128, 2, 4, 2, 900, True),     # group 2
                   (64, 1, 7, 1, 500, False),     # group 7
-                  (128, 1, 5, 1, 650, False)]    # group 5
+                  (128, 1, 5, 1, 650, False),    # group 5
+                  # head_dim 64 at groups 2, 4, 5 and 8 (version 8 is the default there)
+                  (64, 2, 4, 1, 600, False),
+                  (64, 2, 8, 2, 830, True),
+                  (64, 1, 5, 2, 450, True),
+                  (64, 1, 8, 1, 700, False)]
 
 
 @pytest.mark.parametrize("rule", [R.SEED_RULE, SKIPPING], ids=["seed", "v_skip"])
@@ -178,7 +183,8 @@ ALIGNED_SHAPES = [(128, 4, 4, 2, 1500, False),
                          ids=["auto", "split3", "split8", "split13_5"])
 def test_decode_aligned_tiers_and_output(rng, D, Hk, Hq, B, n, paged, rule, split):
     """Kernel tiers, statistics, counters and output against the reference. At these sizes
-    the automatic split is mostly one block per CTA; ``split`` forces CTAs over 3 or 8 blocks
+    the automatic split is mostly one block per CTA (version 8's scores kernel: four, one
+    per warp); ``split`` forces CTAs over 3 or 8 blocks
     (8: the values split of the large benchmark shapes), or 13 blocks per scores CTA (their
     limit is 16; batch 1 x 16k runs 11) with 5 per values CTA, with partial last splits."""
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, paged)
