@@ -86,8 +86,9 @@ def _interleaved_median_ms(torch, graphs: dict, rounds: int = 7,
     the data fit in L2, the candidate before a graph in its round evicts some of its data,
     which back-to-back replays of one graph (earlier sessions' timing) did not.
 
-    A graph whose replay raises gets None, its exception (type: message) goes into
-    ``errors`` under its name, and it leaves the later rounds; the others are timed on."""
+    With an ``errors`` dict, a graph whose replay raises gets None, its exception (type:
+    message) goes into ``errors`` under its name, and it leaves the later rounds; the others
+    are timed on. Without one, the exception propagates."""
     samples = {name: [] for name in graphs}
     failed = {}
 
@@ -95,6 +96,8 @@ def _interleaved_median_ms(torch, graphs: dict, rounds: int = 7,
         try:
             graph.replay()
         except Exception as exc:  # noqa: BLE001 - one candidate's failure is data
+            if errors is None:
+                raise
             failed[name] = f"{type(exc).__name__}: {exc}"[:200]
 
     for name, graph in graphs.items():
@@ -125,31 +128,17 @@ def _median_graph_ms(torch, fn, reps: int, rotate: int) -> float:
     """Median ms of one call, from CUDA-graph replays of ``reps`` calls cycling ``rotate``
     buffer sets (fn(i) runs on set i % rotate)."""
     graph = _capture_graph(torch, fn, reps, rotate)
-    ms = _replay_median_ms(torch, graph) / reps
+    ms = _interleaved_median_ms(torch, {"call": graph})["call"] / reps
     del graph
     return ms
-
-
-def _replay_median_ms(torch, graph) -> float:
-    """Median ms of 7 event-timed replays of a captured CUDA graph, after one untimed one."""
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def append_graph_ms(torch, cache, k, v, reps: int = 16) -> float:
     """GPU time (ms) of appending one decode token (``k``, ``v``: float16 [batch, kv_heads,
     1, head_dim], torch) to one layer of ``cache``: the median of 7 replays of a CUDA graph
-    that appends it to every layer ``reps`` times, less a graph of the same shape without the
-    appends, divided by ``reps * num_layers``.
+    that appends it to every layer ``reps`` times, less that of a graph of the same shape
+    without the appends (the two timed in interleaved rounds), divided by
+    ``reps * num_layers``.
 
     Each round of the graph ends by copying the saved device lengths back, so every replay
     writes the same position (the cache needs one free token per layer; its host-side
@@ -181,7 +170,7 @@ def append_graph_ms(torch, cache, k, v, reps: int = 16) -> float:
         cache._lengths[:] = host
         graphs[append] = graph
     torch.cuda.synchronize()
-    ms = {append: _replay_median_ms(torch, graph) for append, graph in graphs.items()}
+    ms = _interleaved_median_ms(torch, graphs)
     if not torch.equal(lengths, saved):
         raise RuntimeError("append timing: the device lengths were not restored")
     del graphs

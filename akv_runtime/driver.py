@@ -142,6 +142,7 @@ def _reset_for_tests() -> None:
         _devices.clear()
         _modules.clear()
         _CLUSTER_ATTRIBUTES.clear()
+        _LAUNCH_CONFIGS.clear()
 
 
 # ----------------------------------------------------------------------------- device
@@ -397,14 +398,25 @@ def launch_packed(function, grid, block, address: int, stream: int = 0,
         check(_cu.cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared_mem,
                                  _cu.CUstream(int(stream)), address, 0), "cuLaunchKernel")
         return
-    config = _cu.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = gx, gy, gz
-    config.blockDimX, config.blockDimY, config.blockDimZ = bx, by, bz
-    config.sharedMemBytes = int(shared_mem)
-    config.hStream = _cu.CUstream(int(stream))
-    config.attrs = [_cluster_attribute(int(cluster))]
-    config.numAttrs = 1
+    # a decode step repeats the same launch: its config is built once (a host-side object;
+    # the driver reads it during the call)
+    key = (gx, gy, gz, bx, by, bz, int(shared_mem), int(stream), int(cluster))
+    config = _LAUNCH_CONFIGS.get(key)
+    if config is None:
+        if len(_LAUNCH_CONFIGS) >= 256:
+            _LAUNCH_CONFIGS.clear()
+        config = _cu.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = gx, gy, gz
+        config.blockDimX, config.blockDimY, config.blockDimZ = bx, by, bz
+        config.sharedMemBytes = int(shared_mem)
+        config.hStream = _cu.CUstream(int(stream))
+        config.attrs = [_cluster_attribute(int(cluster))]
+        config.numAttrs = 1
+        _LAUNCH_CONFIGS[key] = config
     check(_cu.cuLaunchKernelEx(config, function, address, 0), "cuLaunchKernelEx")
+
+
+_LAUNCH_CONFIGS: dict = {}
 
 
 _CLUSTER_ATTRIBUTES: dict = {}

@@ -141,5 +141,9 @@ def test_interleaved_timing_medians_and_a_failing_candidate():
     assert graphs["a"].replays == graphs["b"].replays == 6 and graphs["bad"].replays == 4
     # a failure in the untimed replay: no timed replays at all
     late = {"x": _FakeGraph(1.0, fail_at=0), "y": _FakeGraph(3.0)}
-    assert bench._interleaved_median_ms(_FakeTorch, late, rounds=3) == {"x": None, "y": 3.0}
+    assert bench._interleaved_median_ms(_FakeTorch, late, rounds=3, errors={}) == {
+        "x": None, "y": 3.0}
     assert late["x"].replays == 1
+    # without an errors dict the failure propagates (single-graph timings)
+    with pytest.raises(RuntimeError, match="illegal address"):
+        bench._interleaved_median_ms(_FakeTorch, {"z": _FakeGraph(1.0, fail_at=2)}, rounds=3)

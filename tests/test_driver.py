@@ -341,6 +341,10 @@ def test_fused_kernel_launch(fake):
         assert args[:3] == [0x30000, Hq * D, D] and args[25] == 0x40000
         assert args[24] == bpc and args[23] == cache.rule.topk
         assert args[-5:] == [0, 0, 0, 0, 0]   # no counters, tier maps or debug outputs
+    # a repeated launch reuses its launch config (built once per geometry and stream)
+    configs = dict(driver._LAUNCH_CONFIGS)
+    backend.attend(0, q, out, "aligned", cache.rule, 0x77, False, False)
+    assert driver._LAUNCH_CONFIGS == configs and len(configs) == 4
     backend.fused_cluster = 8               # forced: 64 blocks in 8 CTAs of 8
     backend.attend(0, q, out, "full", cache.rule, 0, True, False)
     assert fake.launches[-1]["grid"] == (8, Hk, B) and fake.launches[-1]["args"][24] == 8
