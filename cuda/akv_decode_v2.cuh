@@ -17,8 +17,8 @@ constexpr unsigned kFull = 0xffffffffu;
 // bits 4k..4k+3 of m / l), as four half2 words (value pairs 01, 23, 45, 67).
 __device__ __forceinline__ void assemble8(uint32_t h0, uint32_t h1, uint32_t m, uint32_t l,
                                           uint32_t out[4]) {
-  const uint32_t even = ((m & 0x0F0F0F0Fu) << 4) | (l & 0x0F0F0F0Fu);   // values 0,2,4,6
-  const uint32_t odd = (m & 0xF0F0F0F0u) | ((l >> 4) & 0x0F0F0F0Fu);    // values 1,3,5,7
+  const uint32_t even = akv_low_bytes_even(m, l);                        // values 0,2,4,6
+  const uint32_t odd = akv_low_bytes_odd(m, l);                          // values 1,3,5,7
   const uint32_t low03 = __byte_perm(even, odd, 0x5140);                 // low bytes 0..3
   const uint32_t low47 = __byte_perm(even, odd, 0x7362);                 // low bytes 4..7
   out[0] = __byte_perm(low03, h0, 0x5140);

@@ -23,28 +23,70 @@
 
 namespace akv7 {
 
-using akv2::assemble8;
-using akv2::tier_words;
 using akv3::kMaxScoreSplit;
 using akv5::mma16816;
 
-// A lane's tiers and mid/lo words of k-step KS of one block: channels tiers[16 KS + i]
-// (i < 4, one 4-byte shared load), rows 16 KS + i of the block's planes at pm / pl.
-// The four tiers stay packed in one word (byte i: channel 16 KS + i), which saves registers.
+// A lane's mid/lo words of k-step KS of one block: channels tiers[16 KS + i] (i < 4, one
+// 4-byte shared load of their tiers), rows 16 KS + i of the block's planes at pm / pl.
+// A plane the tier leaves unread gets its refill here, as the load's default (tier 8: mid
+// 0x8..., lo 0; tier 12: lo 0x8...: akv2::tier_words' words), so the words need no select
+// by tier where they are assembled (twelfth session: ~2 integer instructions per channel
+// row fewer in the main loop).
 template <int KS>
 __device__ __forceinline__ void rest_of_kstep(const uint8_t* tiers, const uint8_t* pm,
-                                              const uint8_t* pl, uint32_t& t4,
-                                              uint32_t (&mid)[4], uint32_t (&lo)[4]) {
+                                              const uint8_t* pl, uint32_t (&mid)[4],
+                                              uint32_t (&lo)[4]) {
   constexpr int HALF = AKV_BLOCK_TOKENS / 2;                 // bytes per mid/lo row
-  t4 = *reinterpret_cast<const uint32_t*>(tiers + 16 * KS);
-  mid[0] = akv_load_u32_if<(16 * KS + 0) * HALF>(pm, (t4 & 0xFF) >= 12);
-  mid[1] = akv_load_u32_if<(16 * KS + 1) * HALF>(pm, ((t4 >> 8) & 0xFF) >= 12);
-  mid[2] = akv_load_u32_if<(16 * KS + 2) * HALF>(pm, ((t4 >> 16) & 0xFF) >= 12);
-  mid[3] = akv_load_u32_if<(16 * KS + 3) * HALF>(pm, (t4 >> 24) >= 12);
-  lo[0] = akv_load_u32_if<(16 * KS + 0) * HALF>(pl, (t4 & 0xFF) >= 16);
-  lo[1] = akv_load_u32_if<(16 * KS + 1) * HALF>(pl, ((t4 >> 8) & 0xFF) >= 16);
-  lo[2] = akv_load_u32_if<(16 * KS + 2) * HALF>(pl, ((t4 >> 16) & 0xFF) >= 16);
-  lo[3] = akv_load_u32_if<(16 * KS + 3) * HALF>(pl, (t4 >> 24) >= 16);
+  constexpr uint32_t R = 0x88888888u;                        // the midpoint refill
+  const uint32_t t4 = *reinterpret_cast<const uint32_t*>(tiers + 16 * KS);
+  const bool m0 = (t4 & 0xFF) >= 12, m1 = ((t4 >> 8) & 0xFF) >= 12,
+             m2 = ((t4 >> 16) & 0xFF) >= 12, m3 = (t4 >> 24) >= 12;
+  mid[0] = akv_load_u32_if<(16 * KS + 0) * HALF>(pm, m0, R);
+  mid[1] = akv_load_u32_if<(16 * KS + 1) * HALF>(pm, m1, R);
+  mid[2] = akv_load_u32_if<(16 * KS + 2) * HALF>(pm, m2, R);
+  mid[3] = akv_load_u32_if<(16 * KS + 3) * HALF>(pm, m3, R);
+  lo[0] = akv_load_u32_if<(16 * KS + 0) * HALF>(pl, (t4 & 0xFF) >= 16, m0 ? R : 0u);
+  lo[1] = akv_load_u32_if<(16 * KS + 1) * HALF>(pl, ((t4 >> 8) & 0xFF) >= 16, m1 ? R : 0u);
+  lo[2] = akv_load_u32_if<(16 * KS + 2) * HALF>(pl, ((t4 >> 16) & 0xFF) >= 16, m2 ? R : 0u);
+  lo[3] = akv_load_u32_if<(16 * KS + 3) * HALF>(pl, (t4 >> 24) >= 16, m3 ? R : 0u);
+}
+
+// One k-step of s[64 tokens, 8 heads] += K · qᵀ from a lane's 4 channel rows (hi: 8
+// tokens' high bytes; mid, lo: their nibbles, already holding their tier's refill) and the
+// k-step's B fragment (b0, b1). The A fragments are built straight from the planes: for a
+// channel pair (p, q), the low bytes of the even and odd tokens and the hi bytes are
+// interleaved p, q first, then merged; 2 byte permutes per A register instead of
+// assemble8's half2 words and a transpose (3; twelfth session). Registers as the mapping
+// above: a0 = (token 8g+2mt; c0, c1), a1 = (token 8g+2mt+1; c0, c1), a2, a3 the same for
+// c2, c3.
+__device__ __forceinline__ void kstep_mma(float (&acc)[4][4], const uint2 (&hi)[4],
+                                          const uint32_t (&mid)[4], const uint32_t (&lo)[4],
+                                          uint32_t b0, uint32_t b1) {
+  uint32_t a[4][4];                    // [m-tile][A register]
+#pragma unroll
+  for (int pr = 0; pr < 2; ++pr) {     // channel pairs (c0, c1) and (c2, c3)
+    const int p = 2 * pr, q = 2 * pr + 1;
+    const uint32_t ep = akv_low_bytes_even(mid[p], lo[p]), eq = akv_low_bytes_even(mid[q], lo[q]);
+    const uint32_t op = akv_low_bytes_odd(mid[p], lo[p]), oq = akv_low_bytes_odd(mid[q], lo[q]);
+    // low bytes, p and q interleaved: tokens 0 2 (e01), 4 6 (e23); 1 3 (o01), 5 7 (o23)
+    const uint32_t e01 = __byte_perm(ep, eq, 0x5140), e23 = __byte_perm(ep, eq, 0x7362);
+    const uint32_t o01 = __byte_perm(op, oq, 0x5140), o23 = __byte_perm(op, oq, 0x7362);
+    // hi bytes the same way: x holds tokens 0-3, y tokens 4-7
+    const uint32_t hxe = __byte_perm(hi[p].x, hi[q].x, 0x6240);
+    const uint32_t hxo = __byte_perm(hi[p].x, hi[q].x, 0x7351);
+    const uint32_t hye = __byte_perm(hi[p].y, hi[q].y, 0x6240);
+    const uint32_t hyo = __byte_perm(hi[p].y, hi[q].y, 0x7351);
+    a[0][2 * pr] = __byte_perm(e01, hxe, 0x5140);         // token 0: (p, q)
+    a[1][2 * pr] = __byte_perm(e01, hxe, 0x7362);         // token 2
+    a[2][2 * pr] = __byte_perm(e23, hye, 0x5140);         // token 4
+    a[3][2 * pr] = __byte_perm(e23, hye, 0x7362);         // token 6
+    a[0][2 * pr + 1] = __byte_perm(o01, hxo, 0x5140);     // token 1
+    a[1][2 * pr + 1] = __byte_perm(o01, hxo, 0x7362);     // token 3
+    a[2][2 * pr + 1] = __byte_perm(o23, hyo, 0x5140);     // token 5
+    a[3][2 * pr + 1] = __byte_perm(o23, hyo, 0x7362);     // token 7
+  }
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) mma16816(acc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
 }
 
 template <int D, int G>
@@ -88,7 +130,6 @@ __device__ __forceinline__ void scores(
   // a lane's planes of one block: 4 channels per k-step, tokens 8g8 .. 8g8+7
   uint2 hi[KSW][4];
   uint32_t mid[KSW][4], lo[KSW][4];
-  uint32_t tier4[KSW];                // the tiers of channel 16 ks + i in byte i
   auto head_of = [&](int j) { return (long long)s_phys[j] * num_kv_heads + h; };
   auto load_hi = [&](int j) {         // read at every tier
     const uint8_t* p = k_hi + head_of(j) * (D * T) + hi_lane;
@@ -102,8 +143,8 @@ __device__ __forceinline__ void scores(
     const long long off = head_of(j) * (D * T / 2) + ml_lane;
     const uint8_t* pm = k_mid + off;
     const uint8_t* pl = k_lo + off;
-    rest_of_kstep<0>(&s_tier[j][cbase], pm, pl, tier4[0], mid[0], lo[0]);
-    if constexpr (KSW > 1) rest_of_kstep<1>(&s_tier[j][cbase], pm, pl, tier4[1], mid[1], lo[1]);
+    rest_of_kstep<0>(&s_tier[j][cbase], pm, pl, mid[0], lo[0]);
+    if constexpr (KSW > 1) rest_of_kstep<1>(&s_tier[j][cbase], pm, pl, mid[1], lo[1]);
   };
   akv3::score_prologue<D, G, kMaxScoreSplit>(
       b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
@@ -136,23 +177,8 @@ __device__ __forceinline__ void scores(
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[mt][k] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < KSW; ++ks) {
-      uint32_t w[4][4];                 // [channel i][token pair]: (8g8+2p, 8g8+2p+1)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint2 m = make_uint2(mid[ks][i], 0u), l = make_uint2(lo[ks][i], 0u);
-        tier_words((tier4[ks] >> (8 * i)) & 0xFF, m, l);
-        assemble8(hi[ks][i].x, hi[ks][i].y, m.x, l.x, w[i]);
-      }
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        const uint32_t a0 = __byte_perm(w[0][mt], w[1][mt], 0x5410);  // token 8g+2mt: c0 c1
-        const uint32_t a1 = __byte_perm(w[0][mt], w[1][mt], 0x7632);  // token 8g+2mt+1
-        const uint32_t a2 = __byte_perm(w[2][mt], w[3][mt], 0x5410);  // token 8g+2mt: c2 c3
-        const uint32_t a3 = __byte_perm(w[2][mt], w[3][mt], 0x7632);
-        mma16816(acc[mt], a0, a1, a2, a3, bq[ks][0], bq[ks][1]);
-      }
-    }
+    for (int ks = 0; ks < KSW; ++ks)   // mid/lo hold their tier's refill (rest_of_kstep)
+      kstep_mma(acc, hi[ks], mid[ks], lo[ks], bq[ks][0], bq[ks][1]);
     if (j + 1 < count) {               // in flight while this block is reduced
       load_hi(j + 1);
       load_rest(j + 1);

@@ -18,9 +18,9 @@
 // A lane's planes of one k-step (an "item": 4 hi rows of 8 bytes, 4 mid and 4 lo words) are
 // loaded two items ahead through a ring of two register sets; the last two items of a block
 // fetch the first two of the warp's next block, so they are in flight during the epilogue.
-// Tiers and counters as version 7; the scores differ in fp32 summation order (one
-// accumulator chain over all channels instead of four quarter sums), and so does each
-// block's sum of exponentials (8 terms per lane, then three shuffles, against version 7's
+// Tiers, counters and the A fragments (akv7::kstep_mma) as version 7; the scores differ in
+// fp32 summation order (one accumulator chain over all channels instead of four quarter
+// sums), and so does each block's sum of exponentials (8 terms per lane, then three shuffles, against version 7's
 // two per lane and five shuffles).
 // Measured (H200, docs/perf-notes.md, eleventh session): 2 % faster than version 7 at head
 // dim 64 (SmolLM2, batch 8 and 32 at 16k; equal at 32 x 4k), 2-3 % slower at head_dim 128
@@ -36,8 +36,6 @@
 
 namespace akv8 {
 
-using akv2::assemble8;
-using akv2::tier_words;
 using akv3::kMaxScoreSplit;
 using akv5::mma16816;
 
@@ -56,31 +54,7 @@ __device__ __forceinline__ void static_for(F&& f) {
 struct Item {
   uint2 hi[4];
   uint32_t mid[4], lo[4];
-  uint32_t t4;                        // the tiers of the k-step's 4 channels, byte i: channel i
 };
-
-// One item's mma: assemble the fp16 K values of the lane's 4 channel rows x 8 tokens at
-// their tiers (packed in t4) and accumulate s[64 tokens, 8 heads] += K · qᵀ (bq: this
-// k-step's B fragment).
-__device__ __forceinline__ void item_mma(float (&acc)[4][4], const uint2 (&hi)[4],
-                                         const uint32_t (&mid)[4], const uint32_t (&lo)[4],
-                                         uint32_t t4, uint2 bq) {
-  uint32_t w[4][4];                     // [channel i][token pair]: (8g8+2p, 8g8+2p+1)
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint2 m = make_uint2(mid[i], 0u), l = make_uint2(lo[i], 0u);
-    tier_words((t4 >> (8 * i)) & 0xFF, m, l);
-    assemble8(hi[i].x, hi[i].y, m.x, l.x, w[i]);
-  }
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
-    const uint32_t a0 = __byte_perm(w[0][mt], w[1][mt], 0x5410);  // token 8g+2mt: c0 c1
-    const uint32_t a1 = __byte_perm(w[0][mt], w[1][mt], 0x7632);  // token 8g+2mt+1
-    const uint32_t a2 = __byte_perm(w[2][mt], w[3][mt], 0x5410);  // token 8g+2mt: c2 c3
-    const uint32_t a3 = __byte_perm(w[2][mt], w[3][mt], 0x7632);
-    mma16816(acc[mt], a0, a1, a2, a3, bq.x, bq.y);
-  }
-}
 
 // A finished block's epilogue, from the accumulators of its warp: head 2tq + e, tokens
 // 8g8 .. 8g8+7 of this lane (the eight lanes g8 of one tq hold a head's 64 scores). Scales,
@@ -204,7 +178,7 @@ __device__ __forceinline__ void scores(
   auto load_rest = [&](Item& it, int j, auto ksc) {
     constexpr int ks = decltype(ksc)::value;
     const long long off = head_of(j) * (D * HALF) + ml_lane;
-    akv7::rest_of_kstep<ks>(&s_tier[j][4 * tq], k_mid + off, k_lo + off, it.t4, it.mid, it.lo);
+    akv7::rest_of_kstep<ks>(&s_tier[j][4 * tq], k_mid + off, k_lo + off, it.mid, it.lo);
   };
   Item ring[2];
   akv3::score_prologue<D, G, kMaxScoreSplit>(
@@ -236,7 +210,8 @@ __device__ __forceinline__ void scores(
     static_for<KS>([&](auto ksc) {
       constexpr int ks = decltype(ksc)::value;
       Item& it = ring[ks % 2];
-      item_mma(acc, it.hi, it.mid, it.lo, it.t4, s_bq[ks][lane]);
+      const uint2 bq = s_bq[ks][lane];
+      akv7::kstep_mma(acc, it.hi, it.mid, it.lo, bq.x, bq.y);
       // the ring slot is free: the item two k-steps on (of this block or of the next),
       // issued after the mma so that the assembled words are dead (fewer live registers)
       if constexpr (ks + 2 < KS) {
@@ -257,9 +232,10 @@ __device__ __forceinline__ void scores(
 
 // Version 8's scores kernel: at least 6 CTAs per SM (80 registers) at every shape; at 9
 // (version 7's choice at head_dim 64, groups up to 3) its two-item ring spills ~300 bytes.
-// At 80 registers ptxas still spills a little at some shapes (nvcc 13.0, sm_90: 4 / 8
-// bytes stored / loaded at head_dim 64 group 3, 8-12 / 20-32 at 64 groups 7-8, 8 / 12 at
-// 128 group 2, 96 / 60 at 128 group 8; none elsewhere).
+// At 80 registers ptxas still spills a little at some shapes (nvcc 13.0, sm_90, with the
+// twelfth session's akv7::kstep_mma: 4-12 / 12-24 bytes stored / loaded at head_dim 64
+// groups 1-3, 8 / 16 at head_dim 128 groups 1 and 4-8, 24 / 48 at 128 group 2; none
+// elsewhere).
 #ifndef AKV8_SCORE_MINB
 #define AKV8_SCORE_MINB 6
 #endif

@@ -92,13 +92,32 @@ __device__ __forceinline__ void akv_join4(uint32_t hi4, uint32_t mid2, uint32_t 
   }
 }
 
-// A 4-byte global load at p + OFF (a compile-time byte offset) if `pred`, else 0. Written
-// in PTX so that the address is one register plus the instruction's immediate: from C++,
-// ptxas recomputed the 64-bit address under each predicate (~10 integer instructions per
-// conditional plane load; docs/perf-notes.md, sixth session).
+// (a & k) | (b & ~k) in one LOP3 (ptxas had spent an extra AND on the masked shift of
+// assemble8's nibble merges: two instructions per merge instead of three; twelfth session).
+__device__ __forceinline__ uint32_t akv_bitsel(uint32_t a, uint32_t b, uint32_t k) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "r"(k));
+  return r;
+}
+// The low bytes (mid nibble << 4 | lo nibble) of the even and of the odd values of 8 values
+// whose mid / lo nibbles are m / l (value k in bits 4k..4k+3): byte i of the result is value
+// 2i's (even) or 2i+1's (odd).
+__device__ __forceinline__ uint32_t akv_low_bytes_even(uint32_t m, uint32_t l) {
+  return akv_bitsel(m << 4, l, 0xF0F0F0F0u);
+}
+__device__ __forceinline__ uint32_t akv_low_bytes_odd(uint32_t m, uint32_t l) {
+  return akv_bitsel(m, l >> 4, 0xF0F0F0F0u);
+}
+
+// A 4-byte global load at p + OFF (a compile-time byte offset) if `pred`, else `otherwise`
+// (the decode kernels pass a plane's tier refill, so the word needs no select after the
+// load). Written in PTX so that the address is one register plus the instruction's
+// immediate: from C++, ptxas recomputed the 64-bit address under each predicate (~10
+// integer instructions per conditional plane load; docs/perf-notes.md, sixth session).
 template <int OFF>
-__device__ __forceinline__ uint32_t akv_load_u32_if(const uint8_t* p, bool pred) {
-  uint32_t v = 0u;
+__device__ __forceinline__ uint32_t akv_load_u32_if(const uint8_t* p, bool pred,
+                                                    uint32_t otherwise = 0u) {
+  uint32_t v = otherwise;
   asm("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %2, 0;\n\t@q ld.global.u32 %0, [%1+%3];\n\t}"
       : "+r"(v)
       : "l"(p), "r"((int)pred), "n"(OFF));
