@@ -80,12 +80,16 @@ struct Row<128> {           // 16 channels: 16 hi bytes, 8 mid bytes, 8 lo bytes
     if (tier >= 12) mid = *reinterpret_cast<const uint2*>(m);
     if (tier >= 16) lo = *reinterpret_cast<const uint2*>(l);
   }
-  // half2 words of channel pairs (0,1), (2,3), ... (14,15)
-  __device__ __forceinline__ void join(int tier, uint32_t (&w)[8]) const {
-    uint2 m = mid, l = lo;
-    tier_words(tier, m, l);
-    assemble8(hi.x, hi.y, m.x, l.x, w);
-    assemble8(hi.z, hi.w, m.y, l.y, w + 4);
+  // channels 8 half .. 8 half + 7 at `tier`: hi words (channels 0-3, 4-7 of the eight),
+  // mid and lo words with the tier's refill (akv2::tier_words)
+  __device__ __forceinline__ void part(int half, int tier, uint32_t& hx, uint32_t& hy,
+                                       uint32_t& m, uint32_t& l) const {
+    uint2 mm = mid, ll = lo;
+    tier_words(tier, mm, ll);
+    hx = half ? hi.z : hi.x;
+    hy = half ? hi.w : hi.y;
+    m = half ? mm.y : mm.x;
+    l = half ? ll.y : ll.x;
   }
 };
 template <>
@@ -100,10 +104,14 @@ struct Row<64> {            // 8 channels: 8 hi bytes, 4 mid bytes, 4 lo bytes
     if (tier >= 12) mid = *reinterpret_cast<const uint32_t*>(m);
     if (tier >= 16) lo = *reinterpret_cast<const uint32_t*>(l);
   }
-  __device__ __forceinline__ void join(int tier, uint32_t (&w)[4]) const {
-    uint2 m = make_uint2(mid, 0u), l = make_uint2(lo, 0u);
-    tier_words(tier, m, l);
-    assemble8(hi.x, hi.y, m.x, l.x, w);
+  __device__ __forceinline__ void part(int, int tier, uint32_t& hx, uint32_t& hy, uint32_t& m,
+                                       uint32_t& l) const {
+    uint2 mm = make_uint2(mid, 0u), ll = make_uint2(lo, 0u);
+    tier_words(tier, mm, ll);
+    hx = hi.x;
+    hy = hi.y;
+    m = mm.x;
+    l = ll.x;
   }
 };
 
@@ -203,21 +211,27 @@ __device__ __forceinline__ void values(
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         pb[nt] = *reinterpret_cast<const uint2*>(&s_ph[8 * nt + g8][j * T + tok0 + 16 * ks]);
-      uint32_t w0[MT], w1[MT], w2[MT], w3[MT];
-      row[ks][0].join(tier[ks][0], w0);
-      row[ks][1].join(tier[ks][1], w1);
-      row[ks][2].join(tier[ks][2], w2);
-      row[ks][3].join(tier[ks][3], w3);
+      // A registers straight from the planes (akv_pair_frags over the row pairs (0, 1) and
+      // (2, 3); twelfth session): a0 = channel 2mt, tokens 0 1; a1 = channel 2mt+1; a2, a3
+      // the same of tokens 2 3
+      uint32_t a0[MT], a1[MT], a2[MT], a3[MT];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint32_t a0 = __byte_perm(w0[mt], w1[mt], 0x5410);   // channel 2mt, tokens 0 1
-        const uint32_t a1 = __byte_perm(w0[mt], w1[mt], 0x7632);   // channel 2mt+1
-        const uint32_t a2 = __byte_perm(w2[mt], w3[mt], 0x5410);   // channel 2mt, tokens 2 3
-        const uint32_t a3 = __byte_perm(w2[mt], w3[mt], 0x7632);
+      for (int half = 0; half < CH / 8; ++half) {
+        uint32_t hx[4], hy[4], m[4], l[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) row[ks][r].part(half, tier[ks][r], hx[r], hy[r], m[r], l[r]);
+        akv_pair_frags(hx[0], hy[0], m[0], l[0], hx[1], hy[1], m[1], l[1],
+                       *reinterpret_cast<uint32_t(*)[4]>(a0 + 4 * half),
+                       *reinterpret_cast<uint32_t(*)[4]>(a1 + 4 * half));
+        akv_pair_frags(hx[2], hy[2], m[2], l[2], hx[3], hy[3], m[3], l[3],
+                       *reinterpret_cast<uint32_t(*)[4]>(a2 + 4 * half),
+                       *reinterpret_cast<uint32_t(*)[4]>(a3 + 4 * half));
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          mma16816(acc[mt][nt], a0, a1, a2, a3, pb[nt].x, pb[nt].y);
-      }
+          mma16816(acc[mt][nt], a0[mt], a1[mt], a2[mt], a3[mt], pb[nt].x, pb[nt].y);
     }
   }
   __syncthreads();                      // every warp is done with s_ph: it becomes s_red

@@ -53,40 +53,18 @@ __device__ __forceinline__ void rest_of_kstep(const uint8_t* tiers, const uint8_
 
 // One k-step of s[64 tokens, 8 heads] += K · qᵀ from a lane's 4 channel rows (hi: 8
 // tokens' high bytes; mid, lo: their nibbles, already holding their tier's refill) and the
-// k-step's B fragment (b0, b1). The A fragments are built straight from the planes: for a
-// channel pair (p, q), the low bytes of the even and odd tokens and the hi bytes are
-// interleaved p, q first, then merged; 2 byte permutes per A register instead of
-// assemble8's half2 words and a transpose (3; twelfth session). Registers as the mapping
-// above: a0 = (token 8g+2mt; c0, c1), a1 = (token 8g+2mt+1; c0, c1), a2, a3 the same for
-// c2, c3.
+// k-step's B fragment (b0, b1). The A fragments come straight from the planes
+// (akv_pair_frags over the channel pairs (c0, c1) and (c2, c3); twelfth session, in place
+// of assemble8's half2 words and a transpose). Registers as the mapping above: a0 = (token
+// 8g+2mt; c0, c1), a1 = (token 8g+2mt+1; c0, c1), a2, a3 the same for c2, c3.
 __device__ __forceinline__ void kstep_mma(float (&acc)[4][4], const uint2 (&hi)[4],
                                           const uint32_t (&mid)[4], const uint32_t (&lo)[4],
                                           uint32_t b0, uint32_t b1) {
-  uint32_t a[4][4];                    // [m-tile][A register]
+  uint32_t e01[4], o01[4], e23[4], o23[4];   // [m-tile]: tokens 8g+2mt (e), 8g+2mt+1 (o)
+  akv_pair_frags(hi[0].x, hi[0].y, mid[0], lo[0], hi[1].x, hi[1].y, mid[1], lo[1], e01, o01);
+  akv_pair_frags(hi[2].x, hi[2].y, mid[2], lo[2], hi[3].x, hi[3].y, mid[3], lo[3], e23, o23);
 #pragma unroll
-  for (int pr = 0; pr < 2; ++pr) {     // channel pairs (c0, c1) and (c2, c3)
-    const int p = 2 * pr, q = 2 * pr + 1;
-    const uint32_t ep = akv_low_bytes_even(mid[p], lo[p]), eq = akv_low_bytes_even(mid[q], lo[q]);
-    const uint32_t op = akv_low_bytes_odd(mid[p], lo[p]), oq = akv_low_bytes_odd(mid[q], lo[q]);
-    // low bytes, p and q interleaved: tokens 0 2 (e01), 4 6 (e23); 1 3 (o01), 5 7 (o23)
-    const uint32_t e01 = __byte_perm(ep, eq, 0x5140), e23 = __byte_perm(ep, eq, 0x7362);
-    const uint32_t o01 = __byte_perm(op, oq, 0x5140), o23 = __byte_perm(op, oq, 0x7362);
-    // hi bytes the same way: x holds tokens 0-3, y tokens 4-7
-    const uint32_t hxe = __byte_perm(hi[p].x, hi[q].x, 0x6240);
-    const uint32_t hxo = __byte_perm(hi[p].x, hi[q].x, 0x7351);
-    const uint32_t hye = __byte_perm(hi[p].y, hi[q].y, 0x6240);
-    const uint32_t hyo = __byte_perm(hi[p].y, hi[q].y, 0x7351);
-    a[0][2 * pr] = __byte_perm(e01, hxe, 0x5140);         // token 0: (p, q)
-    a[1][2 * pr] = __byte_perm(e01, hxe, 0x7362);         // token 2
-    a[2][2 * pr] = __byte_perm(e23, hye, 0x5140);         // token 4
-    a[3][2 * pr] = __byte_perm(e23, hye, 0x7362);         // token 6
-    a[0][2 * pr + 1] = __byte_perm(o01, hxo, 0x5140);     // token 1
-    a[1][2 * pr + 1] = __byte_perm(o01, hxo, 0x7362);     // token 3
-    a[2][2 * pr + 1] = __byte_perm(o23, hyo, 0x5140);     // token 5
-    a[3][2 * pr + 1] = __byte_perm(o23, hyo, 0x7362);     // token 7
-  }
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) mma16816(acc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+  for (int mt = 0; mt < 4; ++mt) mma16816(acc[mt], e01[mt], o01[mt], e23[mt], o23[mt], b0, b1);
 }
 
 template <int D, int G>

@@ -26,10 +26,13 @@
 // dim 64 (SmolLM2, batch 8 and 32 at 16k; equal at 32 x 4k), 2-3 % slower at head_dim 128
 // and 16 % at Llama-3-8B 1 x 4k, where a warp's eight dependent item steps per block (and
 // a quarter of version 7's CTAs in one wave) replace version 7's one round trip per CTA;
-// the host runs it by default at head_dim 64 only (kernels.default_decode_version). Both
-// kernels are bound by load latency (Nsight Compute: long-scoreboard stalls, DRAM at 62 %
-// of peak at Llama-3-8B 8 x 16k); more bytes in flight through shared memory (cp.async, a
-// ring of 4-8 items per warp) and an L2 bulk prefetch of the next block were slower.
+// the host ran it by default at head_dim 64 then. Both kernels are bound by load latency
+// (Nsight Compute: long-scoreboard stalls, DRAM at 62 % of peak at Llama-3-8B 8 x 16k);
+// more bytes in flight through shared memory (cp.async, a ring of 4-8 items per warp), an
+// L2 bulk prefetch of the next block, and (twelfth session) whole blocks brought into
+// shared memory by bulk copies (cp.async.bulk, 0.182 against 0.159 ms) were slower. Since
+// the twelfth session's akv7::kstep_mma, version 7 is ahead or equal at head_dim 64 as
+// well, and the host no longer runs this version by default (kernels.default_decode_version).
 #pragma once
 #include <utility>
 #include "akv_decode_v7.cuh"

@@ -109,6 +109,35 @@ __device__ __forceinline__ uint32_t akv_low_bytes_odd(uint32_t m, uint32_t l) {
   return akv_bitsel(m, l >> 4, 0xF0F0F0F0u);
 }
 
+// mma A registers of two rows p, q of 8 values each (hi bytes: x values 0-3, y 4-7; m, l:
+// their mid and lo nibbles, value k in bits 4k..4k+3, already holding the tier's refill):
+// even[k] = (value 2k of p, value 2k of q) and odd[k] = (value 2k+1 of p, of q) as fp16
+// pairs, p in the low half. The low bytes and the hi bytes are first interleaved p, q, then
+// merged: 16 byte permutes for 8 registers (assemble8's half2 words and a transpose took
+// 24; twelfth session). The decode kernels' rows are K's channel rows over 8 tokens (the
+// scores kernels: akv7::kstep_mma) or V's token rows over 8 channels (the values kernels).
+__device__ __forceinline__ void akv_pair_frags(uint32_t hxp, uint32_t hyp, uint32_t mp,
+                                               uint32_t lp, uint32_t hxq, uint32_t hyq,
+                                               uint32_t mq, uint32_t lq, uint32_t (&even)[4],
+                                               uint32_t (&odd)[4]) {
+  const uint32_t ep = akv_low_bytes_even(mp, lp), eq = akv_low_bytes_even(mq, lq);
+  const uint32_t op = akv_low_bytes_odd(mp, lp), oq = akv_low_bytes_odd(mq, lq);
+  // low bytes, p and q interleaved: values 0 2 (e01), 4 6 (e23); 1 3 (o01), 5 7 (o23)
+  const uint32_t e01 = __byte_perm(ep, eq, 0x5140), e23 = __byte_perm(ep, eq, 0x7362);
+  const uint32_t o01 = __byte_perm(op, oq, 0x5140), o23 = __byte_perm(op, oq, 0x7362);
+  // hi bytes the same way
+  const uint32_t hxe = __byte_perm(hxp, hxq, 0x6240), hxo = __byte_perm(hxp, hxq, 0x7351);
+  const uint32_t hye = __byte_perm(hyp, hyq, 0x6240), hyo = __byte_perm(hyp, hyq, 0x7351);
+  even[0] = __byte_perm(e01, hxe, 0x5140);              // value 0: (p, q)
+  even[1] = __byte_perm(e01, hxe, 0x7362);              // value 2
+  even[2] = __byte_perm(e23, hye, 0x5140);              // value 4
+  even[3] = __byte_perm(e23, hye, 0x7362);              // value 6
+  odd[0] = __byte_perm(o01, hxo, 0x5140);               // value 1
+  odd[1] = __byte_perm(o01, hxo, 0x7362);               // value 3
+  odd[2] = __byte_perm(o23, hyo, 0x5140);               // value 5
+  odd[3] = __byte_perm(o23, hyo, 0x7362);               // value 7
+}
+
 // A 4-byte global load at p + OFF (a compile-time byte offset) if `pred`, else `otherwise`
 // (the decode kernels pass a plane's tier refill, so the word needs no select after the
 // load). Written in PTX so that the address is one register plus the instruction's
