@@ -17,7 +17,8 @@ import numpy as np
 
 from . import driver
 from .driver import f32, i32, ptr
-from .layout import (BLOCK_TOKENS, COUNTER_NAMES, PLANE_NAMES, Workspace, blocks_for)
+from .layout import (BLOCK_TOKENS, COUNTER_NAMES, PLANE_NAMES, SUPPORTED_HEAD_DIMS, Workspace,
+                     blocks_for)
 from .memory import DeviceArray, allocate_arrays
 
 SCORE_THREADS = 128
@@ -58,8 +59,8 @@ V8_WARPS = 4
 
 def default_decode_version(group: int, head_dim: int) -> int:
     """The decode kernel version a cache of GQA group size ``group`` (query heads per KV
-    head) and ``head_dim`` runs unless $AKV_DECODE_VERSION says otherwise: 3 for MHA; for
-    GQA groups 8 at head_dim 64 and 7 at head_dim 128.
+    head) and ``head_dim`` (one of layout.SUPPORTED_HEAD_DIMS) runs unless
+    $AKV_DECODE_VERSION says otherwise: 3 for MHA, 7 for GQA groups.
 
     Measured on the H200 (docs/benchmarks.md, 2026-11-29, seventh session, commit 8e77e05,
     `bash scripts/gpu_check.sh --versions 3,7 --rule tuned`): MHA (group 1) is fastest on
@@ -78,15 +79,24 @@ def default_decode_version(group: int, head_dim: int) -> int:
     runs, H200): SmolLM2 (group 3, head_dim 64) 32 x 16k 0.126-0.127 against 0.128-0.131 ms
     (11 runs), 8 x 16k 0.047-0.048 against 0.048 (6 runs), 8 x 4k 0.024-0.027 against
     0.025-0.027, 32 x 4k and 1 x 16k equal; Llama-3-8B (group 4, head_dim 128) 8 x 16k 0.163-0.164 against
-    0.159-0.160, 1 x 4k 0.027-0.028 against 0.024, 8 x 4k equal. So version 8 at head_dim
-    64 (groups other than 3 untimed), version 7 at 128.
+    0.159-0.160, 1 x 4k 0.027-0.028 against 0.024, 8 x 4k equal. So version 8 ran at head
+    dim 64 in the eleventh session, version 7 at 128.
 
-    Raises ValueError unless ``group`` is a positive integer."""
+    The twelfth session's A fragments built straight from the planes (akv7::kstep_mma,
+    shared by versions 7 and 8) left version 8 spilling a little at 80 registers, and the
+    full grid of commit 05dc17c (docs/benchmarks.md, `bash scripts/gpu_check.sh --versions
+    3,7,8 --rule tuned`) has version 7 ahead or equal at every SmolLM2 shape (group 3, head
+    dim 64) but 8 x 32k (0.0763 against 0.0761 ms): 32 x 32k 0.220 against 0.226, 32 x 16k
+    0.125 against 0.126, 8 x 16k 0.0463 against 0.0469, 1 x 16k 0.0255 against 0.0265. So
+    version 7 for every GQA group and head_dim again.
+
+    Raises ValueError unless ``group`` is a positive integer and ``head_dim`` a supported
+    head_dim."""
     if group < 1:
         raise ValueError(f"group: expected a positive GQA group size, got {group}")
-    if group == 1:
-        return 3
-    return 8 if head_dim == 64 else 7
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    return 3 if group == 1 else 7
 
 
 def _env_int(name: str, allowed, expected: str) -> int | None:

@@ -162,8 +162,8 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     backend = cache._backend
     backend.fused = False          # the four launches here; the fused kernel's test is below
     assert cache.device.startswith("Fake GPU (compute capability 9.0, cubin sm_90)")
-    # a GQA cache (group 3, head_dim 64) starts on version 8's scores kernel
-    assert backend.decode_version == 8 == default_decode_version(3, 64)
+    # a GQA cache (group 3, head_dim 64) starts on version 7's kernels
+    assert backend.decode_version == 7 == default_decode_version(3, 64)
     # buffers: one per plane set, zero-filled, the block table uploaded
     table = backend.ws["block_table"].to_numpy()
     assert np.array_equal(table, cache.block_table)
@@ -451,9 +451,11 @@ def test_choose_split_fills_whole_waves():
 
 def test_default_decode_version_by_group():
     assert [default_decode_version(g, 128) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
-    assert [default_decode_version(g, 64) for g in range(1, 9)] == [3, 8, 8, 8, 8, 8, 8, 8]
+    assert [default_decode_version(g, 64) for g in range(1, 9)] == [3, 7, 7, 7, 7, 7, 7, 7]
     with pytest.raises(ValueError, match="group"):
         default_decode_version(0, 128)
+    with pytest.raises(ValueError, match="head_dim"):
+        default_decode_version(4, 96)
 
 
 @pytest.mark.parametrize("name,value,message", [

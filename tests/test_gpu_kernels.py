@@ -170,7 +170,7 @@ ALIGNED_SHAPES = [(128, 4, 4, 2, 1500, False),
                   (128, 2, 4, 2, 900, True),     # group 2
                   (64, 1, 7, 1, 500, False),     # group 7
                   (128, 1, 5, 1, 650, False),    # group 5
-                  # head_dim 64 at groups 2, 4, 5 and 8 (version 8 is the default there)
+                  # head_dim 64 at groups 2, 4, 5 and 8 (added when version 8 was the default there)
                   (64, 2, 4, 1, 600, False),
                   (64, 2, 8, 2, 830, True),
                   (64, 1, 5, 2, 450, True),
