@@ -39,7 +39,6 @@
 
 namespace akv5 {
 
-using akv2::assemble8;
 using akv2::tier_words;
 using akv3::kMaxSplit;
 
@@ -214,24 +213,21 @@ __device__ __forceinline__ void values(
       // A registers straight from the planes (akv_pair_frags over the row pairs (0, 1) and
       // (2, 3); twelfth session): a0 = channel 2mt, tokens 0 1; a1 = channel 2mt+1; a2, a3
       // the same of tokens 2 3
-      uint32_t a0[MT], a1[MT], a2[MT], a3[MT];
+      uint32_t a0[CH / 8][4], a1[CH / 8][4], a2[CH / 8][4], a3[CH / 8][4];   // m-tile 4 half + k
 #pragma unroll
       for (int half = 0; half < CH / 8; ++half) {
         uint32_t hx[4], hy[4], m[4], l[4];
 #pragma unroll
         for (int r = 0; r < 4; ++r) row[ks][r].part(half, tier[ks][r], hx[r], hy[r], m[r], l[r]);
-        akv_pair_frags(hx[0], hy[0], m[0], l[0], hx[1], hy[1], m[1], l[1],
-                       *reinterpret_cast<uint32_t(*)[4]>(a0 + 4 * half),
-                       *reinterpret_cast<uint32_t(*)[4]>(a1 + 4 * half));
-        akv_pair_frags(hx[2], hy[2], m[2], l[2], hx[3], hy[3], m[3], l[3],
-                       *reinterpret_cast<uint32_t(*)[4]>(a2 + 4 * half),
-                       *reinterpret_cast<uint32_t(*)[4]>(a3 + 4 * half));
+        akv_pair_frags(hx[0], hy[0], m[0], l[0], hx[1], hy[1], m[1], l[1], a0[half], a1[half]);
+        akv_pair_frags(hx[2], hy[2], m[2], l[2], hx[3], hy[3], m[3], l[3], a2[half], a3[half]);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          mma16816(acc[mt][nt], a0[mt], a1[mt], a2[mt], a3[mt], pb[nt].x, pb[nt].y);
+          mma16816(acc[mt][nt], a0[mt / 4][mt % 4], a1[mt / 4][mt % 4], a2[mt / 4][mt % 4],
+                   a3[mt / 4][mt % 4], pb[nt].x, pb[nt].y);
     }
   }
   __syncthreads();                      // every warp is done with s_ph: it becomes s_red

@@ -20,8 +20,8 @@
 // fetch the first two of the warp's next block, so they are in flight during the epilogue.
 // Tiers, counters and the A fragments (akv7::kstep_mma) as version 7; the scores differ in
 // fp32 summation order (one accumulator chain over all channels instead of four quarter
-// sums), and so does each block's sum of exponentials (8 terms per lane, then three shuffles, against version 7's
-// two per lane and five shuffles).
+// sums), and so does each block's sum of exponentials (8 terms per lane, then three
+// shuffles, against version 7's two per lane and five shuffles).
 // Measured (H200, docs/perf-notes.md, eleventh session): 2 % faster than version 7 at head
 // dim 64 (SmolLM2, batch 8 and 32 at 16k; equal at 32 x 4k), 2-3 % slower at head_dim 128
 // and 16 % at Llama-3-8B 1 x 4k, where a warp's eight dependent item steps per block (and
@@ -236,9 +236,9 @@ __device__ __forceinline__ void scores(
 // Version 8's scores kernel: at least 6 CTAs per SM (80 registers) at every shape; at 9
 // (version 7's choice at head_dim 64, groups up to 3) its two-item ring spills ~300 bytes.
 // At 80 registers ptxas still spills a little at some shapes (nvcc 13.0, sm_90, with the
-// twelfth session's akv7::kstep_mma: 4-12 / 12-24 bytes stored / loaded at head_dim 64
-// groups 1-3, 8 / 16 at head_dim 128 groups 1 and 4-8, 24 / 48 at 128 group 2; none
-// elsewhere).
+// twelfth session's akv7::kstep_mma over akv_pair_frags: bytes stored / loaded 12 / 20 at
+// head_dim 64 group 1, 24 / 32 at 64 group 3, 12 / 12 at 128 group 1, 4 / 8 at 128 groups
+// 4-6; none elsewhere).
 #ifndef AKV8_SCORE_MINB
 #define AKV8_SCORE_MINB 6
 #endif

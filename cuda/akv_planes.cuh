@@ -114,7 +114,7 @@ __device__ __forceinline__ uint32_t akv_low_bytes_odd(uint32_t m, uint32_t l) {
 // even[k] = (value 2k of p, value 2k of q) and odd[k] = (value 2k+1 of p, of q) as fp16
 // pairs, p in the low half. The low bytes and the hi bytes are first interleaved p, q, then
 // merged: 16 byte permutes for 8 registers (assemble8's half2 words and a transpose took
-// 24; twelfth session). The decode kernels' rows are K's channel rows over 8 tokens (the
+// 20; twelfth session). The decode kernels' rows are K's channel rows over 8 tokens (the
 // scores kernels: akv7::kstep_mma) or V's token rows over 8 channels (the values kernels).
 __device__ __forceinline__ void akv_pair_frags(uint32_t hxp, uint32_t hyp, uint32_t mp,
                                                uint32_t lp, uint32_t hxq, uint32_t hyq,
