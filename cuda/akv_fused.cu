@@ -39,18 +39,19 @@
 // equal the reference up to fp32 summation order (GPU tests, tests/test_gpu_fused.py).
 // Measured (docs/perf-notes.md, tenth session): faster than the four launches only with
 // few clusters; the host's rule is CudaBackend._use_fused.
-// Repeated here on purpose: the group's K tier loop of akv3::score_prologue, version 7's
-// k-step (fp16 assembly and mma) and akv_block_stats2's reductions. Moving them into shared
-// helpers changes the SASS of 48 of the four launches' scores kernels (cuobjdump compared,
-// the same instruction counts, other schedules), which would need the GPU check to run
-// again; a session with device time for it can share them.
+// Repeated here on purpose: the group's K tier loop of akv3::score_prologue and
+// akv_block_stats2's reductions. Moving them into shared helpers changes the SASS of 48 of
+// the four launches' scores kernels (cuobjdump compared, the same instruction counts, other
+// schedules), which would need the GPU check to run again; a session with device time for
+// it can share them. Version 7's k-step (fp16 assembly and mma) is shared since the twelfth
+// session: akv7::kstep_mma.
 //
 // grid (CL, Hk, B), cluster (CL, 1, 1), block kFusedThreads (512) threads, dynamic shared
 // memory fused_smem_bytes(D, G, bpc) (kernels.py mirrors it). Requires CL * bpc >= the
 // longest sequence's blocks, bpc <= kFusedMaxBpc, CL <= 16, topk >= 1. Debug: with
 // k_tier_map set, the kernel also writes the tier maps, scores, stats (m, l) and O_est to
 // the workspace as the four launches do.
-#include "akv_decode_v5.cuh"   // akv2::assemble8, akv2::tier_words, akv5::mma16816
+#include "akv_decode_v7.cuh"   // akv2::tier_words, akv7::kstep_mma (and akv_decode_v5.cuh)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #include <cooperative_groups.h>
 #endif
@@ -272,8 +273,8 @@ __device__ __forceinline__ void fused(
   __syncthreads();
   AKVF_MARK(4)
 
-  // ---- scores on tensor cores, as version 7 (cuda/akv_decode_v7.cuh, whose fragment mapping
-  //      this repeats): s[64 tokens, G] = K[64, D] . q^T[D, G], one mma.m16n8k16 per 16
+  // ---- scores on tensor cores, as version 7 (cuda/akv_decode_v7.cuh: its fragment mapping and
+  //      akv7::kstep_mma): s[64 tokens, G] = K[64, D] . q^T[D, G], one mma.m16n8k16 per 16
   //      tokens x 16 channels for all heads of the group (fp16 operands are exact, fp32
   //      accumulation). Warp w takes block 4i + w / 4 and the channel quarter w % 4; lane
   //      (g8 = lane / 4, tq = lane % 4) holds tokens 8 g8 .. 8 g8 + 7 of channels
@@ -311,25 +312,20 @@ __device__ __forceinline__ void fused(
         for (int ks = 0; ks < KSW; ++ks) {
           const int c0 = cbase + 16 * ks;
           const uint32_t t4 = *reinterpret_cast<const uint32_t*>(&s_ktier[jj][c0]);
-          uint32_t w[4][4];
+          uint2 hi[4];
+          uint32_t mid[4], lo[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
+          for (int i = 0; i < 4; ++i) {   // logical channel c0 + i, stored at kperm(c0 + i)
             const int c = kperm(c0 + i);
-            const uint2 hi = *reinterpret_cast<const uint2*>(slab + c * T + 8 * g8);
+            hi[i] = *reinterpret_cast<const uint2*>(slab + c * T + 8 * g8);
             uint2 m = make_uint2(*reinterpret_cast<const uint32_t*>(slab + D * T + c * (T / 2) + 4 * g8), 0u);
             uint2 l = make_uint2(
                 *reinterpret_cast<const uint32_t*>(slab + D * T + D * (T / 2) + c * (T / 2) + 4 * g8), 0u);
             akv2::tier_words((t4 >> (8 * i)) & 0xFF, m, l);
-            akv2::assemble8(hi.x, hi.y, m.x, l.x, w[i]);
+            mid[i] = m.x;
+            lo[i] = l.x;
           }
-#pragma unroll
-          for (int mt = 0; mt < 4; ++mt) {
-            const uint32_t a0 = __byte_perm(w[0][mt], w[1][mt], 0x5410);
-            const uint32_t a1 = __byte_perm(w[0][mt], w[1][mt], 0x7632);
-            const uint32_t a2 = __byte_perm(w[2][mt], w[3][mt], 0x5410);
-            const uint32_t a3 = __byte_perm(w[2][mt], w[3][mt], 0x7632);
-            akv5::mma16816(acc[mt], a0, a1, a2, a3, bq[ks][0], bq[ks][1]);
-          }
+          akv7::kstep_mma(acc, hi, mid, lo, bq[ks][0], bq[ks][1]);
         }
         // heads 2tq, 2tq + 1 of tokens 8 g8 + 2 mt (+ 1)
         float* const sp = s_part + ((wb * 4 + wq) * G) * PROW + 8 * g8 + (g8 >> 2);
