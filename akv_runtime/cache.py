@@ -105,7 +105,8 @@ class AlignedKVCache:
         Sequences in the batch.
     block_table : int array [batch_size, blocks_per_sequence], optional
         Physical block of each logical block of each sequence (paged attention). Default: a
-        contiguous cache (the identity table).
+        contiguous cache (the identity table). Copied and checked once; the cache's copy
+        (``cache.block_table``) is read-only.
     num_blocks : int, optional
         Blocks in the pool (default ``batch_size * blocks_per_sequence``).
     rule : AlignmentRule or str
@@ -177,7 +178,9 @@ class AlignedKVCache:
             limit = min(num_blocks, 2**31 - 1)
             if lo < 0 or hi >= limit:
                 raise ValueError(f"block_table: entries must lie in [0, {limit})")
-            table = np.ascontiguousarray(table, dtype=np.int32)
+            # a copy: the cache checks the table once, so a later change to the caller's
+            # array must not reach it (np.ascontiguousarray would keep an int32 array as is)
+            table = np.array(table, dtype=np.int32, order="C", copy=True)
             if len(np.unique(table)) != table.size:
                 raise ValueError("block_table: a physical block appears twice; each logical "
                                  "block needs its own physical block")
@@ -190,6 +193,7 @@ class AlignedKVCache:
         self.capacity = blocks_per_seq * BLOCK_TOKENS
         self.rule = rule
         self.layout = PlaneLayout(num_layers, int(num_blocks), num_kv_heads, head_dim)
+        table.flags.writeable = False        # checked once: read-only from here on
         self.block_table = table
         self._lengths = np.zeros((num_layers, batch_size), np.int64)
 
@@ -251,8 +255,8 @@ class AlignedKVCache:
         return info
 
     # ----------------------------------------------------------------- append
-    def append(self, layer: int, k, v, *, stream=None) -> None:
-        """Append new tokens' K and V to every sequence of ``layer`` (prefill or decode).
+    def append(self, layer: int, k, v, *, counts=None, stream=None) -> None:
+        """Append new tokens' K and V to the sequences of ``layer`` (prefill or decode).
 
         Parameters
         ----------
@@ -260,6 +264,12 @@ class AlignedKVCache:
         k, v : float16 [batch, kv_heads, new_tokens, head_dim]
             The projected (RoPE-applied) keys and values, as Hugging Face lays them out; any
             strides with the channel axis contiguous are read in place on the GPU.
+        counts : int array [batch], optional
+            Tokens to append to each sequence, each in 0 .. new_tokens: sequence b takes rows
+            0 .. counts[b] - 1 of its ``new_tokens`` and ignores the rest (a right-padded
+            ragged prefill; 0 leaves the sequence as it is), so the sequences of a batch can
+            hold different lengths. Default: every sequence takes all ``new_tokens`` (one
+            launch). With counts that differ, the GPU appends one sequence per launch.
         stream : int, optional
             CUDA stream handle to launch on (default: torch's current stream for torch
             tensors, else the legacy default stream).
@@ -267,8 +277,8 @@ class AlignedKVCache:
         Raises
         ------
         TypeError, ValueError
-            Wrong dtype, shape, device, layer, or more tokens than the capacity; the cache is
-            unchanged.
+            Wrong dtype, shape, device, layer or counts, no token to append, or more tokens
+            than the capacity; the cache is unchanged.
         """
         layer = self._check_layer(layer)
         B, Hk, D = self.batch_size, self.num_kv_heads, self.head_dim
@@ -280,14 +290,40 @@ class AlignedKVCache:
         new = k_info.shape[2]
         if new < 1:
             raise ValueError("k: holds no tokens (new_tokens == 0)")
-        after = self._lengths[layer] + new
+        per = self._check_counts(counts, new)
+        after = self._lengths[layer] + per
         if after.max() > self.capacity:
-            raise ValueError(f"k: appending {new} token{'s' if new != 1 else ''} to layer "
-                             f"{layer} would hold "
-                             f"{int(after.max())} tokens, past the capacity of "
+            b = int(after.argmax())
+            raise ValueError(f"k: appending {int(per[b])} token{'s' if per[b] != 1 else ''} "
+                             f"to sequence {b} of layer {layer} would hold "
+                             f"{int(after[b])} tokens, past the capacity of "
                              f"{self.capacity} (max_seq_len rounded up to 64-token blocks)")
-        self._backend.append(layer, k_info, v_info, self._lengths[layer].copy(), stream)
+        ragged = None if (per == new).all() else per
+        self._backend.append(layer, k_info, v_info, self._lengths[layer].copy(), stream,
+                             ragged)
         self._lengths[layer] = after
+
+    def _check_counts(self, counts, new: int) -> np.ndarray:
+        """``append``'s counts as int64 [batch] (all ``new`` when None), or the error."""
+        B = self.batch_size
+        if counts is None:
+            return np.full(B, new, np.int64)
+        try:
+            arr = np.asarray(to_numpy(counts))
+        except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+            raise TypeError(f"counts: expected a host integer array [{B}], got "
+                            f"{type(counts).__name__} ({exc})") from None
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"counts: expected integers, got {arr.dtype}")
+        if arr.shape != (B,):
+            raise ValueError(f"counts: expected shape [{B}] (one per sequence), got "
+                             f"{list(arr.shape)}")
+        if arr.min() < 0 or arr.max() > new:
+            raise ValueError(f"counts: each must lie in [0, {new}] (new_tokens), got "
+                             f"{arr.min()} .. {arr.max()}")
+        if arr.max() == 0:
+            raise ValueError("counts: appends no token (every count is 0)")
+        return arr.astype(np.int64)
 
     # ----------------------------------------------------------------- attend
     def attend(self, layer: int, q, *, mode: str = "aligned", out=None, stream=None,
@@ -460,9 +496,9 @@ class NumpyBackend:
 
     host_planes = layer_planes
 
-    def append(self, layer, k_info, v_info, starts, stream):
+    def append(self, layer, k_info, v_info, starts, stream, counts=None):
         reference.append_tokens(self.layer_planes(layer), self.cache.block_table, starts,
-                                to_numpy(k_info.obj), to_numpy(v_info.obj))
+                                to_numpy(k_info.obj), to_numpy(v_info.obj), counts)
 
     def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug):
         cache = self.cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -21,18 +22,29 @@ def positive_int(value: str) -> int:
 def output_path_problem(value) -> str | None:
     """Why an output file (``--json``/``--plot``) could not be written, or None.
 
-    Checked before the slow work so that a run never ends in a traceback after its results,
-    and without side effects: nothing is created here (the writers create the parent folder
-    when they write), so the nearest existing ancestor of the file must be a writable
-    folder. Returns a short reason for a one-line error."""
+    Checked before the slow work so that a run never ends in a traceback after its results.
+    The writers create the parent folder when they write, so the nearest existing ancestor
+    of the file must be a folder where one can be created: a temporary file (or folder, when
+    the parent is missing) is made there and removed at once. A permission test alone
+    (``os.access``) passes for root on folders such as /proc, where creating fails. Returns a
+    short reason for a one-line error."""
     path = Path(value).expanduser()
     if path.is_dir():
         return f"{value} is a folder, not a file"
-    existing = path.resolve().parent
+    parent = path.resolve().parent
+    existing = parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is not a folder"
     if not os.access(existing, os.W_OK):
         return f"{existing} is not writable"
+    try:
+        if existing == parent:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        else:
+            tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as exc:
+        return f"cannot create files in {existing} ({exc.strerror or exc})"
     return None

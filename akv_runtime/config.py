@@ -333,6 +333,10 @@ def validate(config: Config) -> Config:
                  "timing_repeats"):
         _check_positive(file, f"workload.{name}", getattr(w, name))
     _check_positive(file, "workload.error_steps", w.error_steps, allow_zero=True)
+    # numpy's generators take seeds in [0, 2^128)
+    if not 0 <= w.seed < 2**128:
+        raise ConfigError(file, "workload.seed", f"expected an integer in [0, 2^128), "
+                                                 f"got {w.seed}")
     from .model import LICENSE_DIR
     if (not Path(w.text).expanduser().is_file() and LICENSE_DIR.is_dir()
             and not (LICENSE_DIR / w.text).is_file()):
@@ -410,6 +414,31 @@ def config_from_dict(data, source: str = "<memory>") -> Config:
     return validate(config)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML itself
+    keeps the last one silently, so a second ``path:`` would quietly win)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:           # an unhashable key: construct_mapping says so itself
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)
+
+
 def load_config(path) -> Config:
     """Read and validate a YAML run configuration.
 
@@ -424,8 +453,9 @@ def load_config(path) -> Config:
     Raises
     ------
     ConfigError
-        The file is missing or not YAML, or a key is unknown, missing, of the wrong type or
-        names an impossible shape; the message names the file and the key.
+        The file is missing or not YAML, a key is given twice in one mapping, or a key is
+        unknown, missing, of the wrong type or names an impossible shape; the message names
+        the file and the key.
     """
     path = Path(path)
     try:
@@ -433,7 +463,7 @@ def load_config(path) -> Config:
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read the config file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)   # safe_load, duplicates refused
     except yaml.YAMLError as exc:
         raise ConfigError(path, "", f"not valid YAML: {exc}") from None
     if data is None:

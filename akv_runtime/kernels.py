@@ -401,9 +401,12 @@ class CudaBackend:
         return self.ws["lengths"].ptr + layer * self.cache.batch_size * 4
 
     # ------------------------------------------------------------------ append
-    def append(self, layer, k_info, v_info, starts, stream):
+    def append(self, layer, k_info, v_info, starts, stream, counts=None):
         s = resolve_stream(stream, k_info)
         B, Hk, S, D = k_info.shape
+        if counts is not None:
+            self._append_ragged(layer, k_info, v_info, counts, s)
+            return
         plan = self._append_plans.get(layer)
         if plan is None:
             plan = self._append_plans[layer] = self._append_plan(layer)
@@ -411,6 +414,31 @@ class CudaBackend:
         for slot, value in zip(plan.strides, k_info.strides[:3] + v_info.strides[:3]):
             slot.value = value
         driver.launch_packed(self.k_append, (blocks_for(S) + 1, Hk, B), (D,), plan.append, s)
+
+    def _append_ragged(self, layer, k_info, v_info, counts, stream):
+        """``append`` with a token count per sequence: one ``akv_append`` launch per
+        sequence b with counts[b] > 0, on sequence b's rows of every per-sequence array (K/V,
+        lengths, arrival counts, block table: the pointers offset by b, grid z = 1), so the
+        kernel is the uniform append's. A prefill's cost, not a decode step's: the arguments
+        are packed per launch."""
+        cache = self.cache
+        D, Hk, bps = cache.head_dim, cache.num_kv_heads, cache.blocks_per_sequence
+        planes = [ptr(self._plane_ptr(n, layer)) for n in
+                  ("k_hi", "k_mid", "k_lo", "v_hi", "v_mid", "v_lo", "k_exp_max", "v_exp_max")]
+        k_sb, k_sh, k_ss = k_info.strides[:3]
+        v_sb, v_sh, v_ss = v_info.strides[:3]
+        item = 2                                        # bytes per fp16 element
+        for b, count in enumerate(counts):
+            count = int(count)
+            if count == 0:
+                continue
+            args = [ptr(k_info.ptr + b * k_sb * item), ptr(v_info.ptr + b * v_sb * item),
+                    *(ctypes_i64(x) for x in (k_sb, k_sh, k_ss, v_sb, v_sh, v_ss)),
+                    i32(count), ptr(self._lengths_ptr(layer) + 4 * b),
+                    ptr(self.ws["append_arrive"].ptr + (layer * cache.batch_size + b) * 4),
+                    ptr(self.ws["block_table"].ptr + 4 * b * bps), i32(bps), *planes,
+                    i32(Hk), i32(D)]
+            driver.launch(self.k_append, (blocks_for(count) + 1, Hk, 1), (D,), args, stream)
 
     def _append_plan(self, layer):
         """Packed arguments of ``akv_append`` for one layer; the per-call

@@ -43,6 +43,10 @@ CAPTURE_ATTENTION = "akv_capture"
 TRACE_FORMAT = 1
 
 
+class TraceFormatError(ValueError):
+    """A file given as a trace is not one (:func:`load_trace`); the message names the file."""
+
+
 class ModelUnavailableError(RuntimeError):
     """The model (or something needed to load it) is not on this machine; the message says
     what to install or which path is missing. No download is ever attempted."""
@@ -428,8 +432,11 @@ def load_trace(path) -> Trace:
 
     Raises
     ------
-    FileNotFoundError, ValueError
-        No file, or not a trace of this format.
+    FileNotFoundError
+        No file at ``path``.
+    TraceFormatError (a ValueError)
+        Not a trace of this format (not an .npz archive, no or unreadable 'meta' entry,
+        another format version, missing arrays).
     """
     path = Path(path)
     if not path.is_file():
@@ -439,24 +446,31 @@ def load_trace(path) -> Trace:
     try:
         archive = np.load(path)
     except (ValueError, OSError, EOFError):
-        raise ValueError(f"{path}: not a trace (an .npz archive written by python -m "
-                         f"akv_runtime.run --save-trace)") from None
+        raise TraceFormatError(f"{path}: not a trace (an .npz archive written by python -m "
+                               f"akv_runtime.run --save-trace)") from None
     if not hasattr(archive, "files"):      # a plain .npy array
-        raise ValueError(f"{path}: not a trace (an .npy array, not an .npz archive)")
+        raise TraceFormatError(f"{path}: not a trace (an .npy array, not an .npz archive)")
     with archive as data:
         if "meta" not in data:
-            raise ValueError(f"{path}: not a trace (no 'meta' entry)")
-        meta = json.loads(bytes(data["meta"]).decode())
-        if meta.get("format") != TRACE_FORMAT:
-            raise ValueError(f"{path}: trace format {meta.get('format')}, expected "
-                             f"{TRACE_FORMAT}")
+            raise TraceFormatError(f"{path}: not a trace (no 'meta' entry)")
+        try:
+            meta = json.loads(bytes(data["meta"]).decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TraceFormatError(f"{path}: not a trace (its 'meta' entry is not JSON: "
+                                   f"{exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != TRACE_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise TraceFormatError(f"{path}: trace format {found}, expected {TRACE_FORMAT}")
         q, k, v = {}, {}, {}
-        for layer in meta["layers"]:
-            q[layer], k[layer], v[layer] = (data[f"{x}_{layer}"] for x in "qkv")
+        try:
+            for layer in meta["layers"]:
+                q[layer], k[layer], v[layer] = (data[f"{x}_{layer}"] for x in "qkv")
+        except (KeyError, TypeError) as exc:
+            raise TraceFormatError(f"{path}: not a complete trace (missing {exc})") from None
     return Trace(meta, q, k, v)
 
 
-__all__ = ["ModelUnavailableError", "Trace", "capture_kv", "corpus_text", "corpus_tokens",
-           "find_smollm2_gguf", "load_model", "load_trace", "make_trace", "model_shapes",
-           "prompt_ids", "register_capture_attention", "resolve_model_path",
+__all__ = ["ModelUnavailableError", "Trace", "TraceFormatError", "capture_kv", "corpus_text",
+           "corpus_tokens", "find_smollm2_gguf", "load_model", "load_trace", "make_trace",
+           "model_shapes", "prompt_ids", "register_capture_attention", "resolve_model_path",
            "restore_rotary_inv_freq", "save_trace", "set_attention", "set_offline"]

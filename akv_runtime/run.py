@@ -37,7 +37,7 @@ import numpy as np
 from .arrays import json_default
 from .config import Config, ConfigError, RuleConfig, load_config
 from .layout import BLOCK_TOKENS
-from .model import ModelUnavailableError, set_offline
+from .model import ModelUnavailableError, TraceFormatError, set_offline
 from .reference import RULES
 
 #: Layers a saved trace keeps (spread over the model's depth) and its default shape.
@@ -507,6 +507,9 @@ def main(argv=None) -> int:
     except (ModelUnavailableError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except TraceFormatError as exc:
+        print(f"error: --trace: {exc}", file=sys.stderr)
+        return 2
     print(format_report(result))
     json_path = args.json or config.output.json
     if json_path:

@@ -56,6 +56,23 @@ def cache(rng):
     (lambda c, K, V, q: c.attend(0, q, mode=np.array(["full"])), ValueError,
      "mode: expected one of"),
     (lambda c, K, V, q: c.attend(0, q, rule="bogus"), ValueError, "rule: unknown named rule"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=[1]), ValueError,
+     r"counts: expected shape \[2\] \(one per sequence\), got \[1\]"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=[71, 0]), ValueError,
+     r"counts: each must lie in \[0, 70\]"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=[-1, 3]), ValueError,
+     r"counts: each must lie in \[0, 70\]"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=[1.0, 2.0]), TypeError,
+     "counts: expected integers, got float64"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=[True, False]), TypeError,
+     "counts: expected integers, got bool"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=np.zeros(2, np.int32)), ValueError,
+     "counts: appends no token"),
+    (lambda c, K, V, q: c.append(0, K, V, counts="12"), TypeError, "counts: expected integers"),
+    # one sequence past the capacity: named, and nothing is written to the other either
+    (lambda c, K, V, q: c.append(0, np.concatenate([K] * 3, 2), np.concatenate([V] * 3, 2),
+                                 counts=[1, 190]), ValueError,
+     "appending 190 tokens to sequence 1 of layer 0 would hold 260 tokens, past the capacity"),
     # a read-only output is refused before the call, so the counters do not move either
     (lambda c, K, V, q: c.attend(0, q, count=True, out=_read_only((2, 4, 64))), ValueError,
      "out: expected a writable array"),
@@ -246,3 +263,49 @@ def test_a_cache_too_large_for_host_memory_says_why():
     with pytest.raises(MemoryError, match=r"block_table: the planes of 2 layers x 2000000001 "):
         AlignedKVCache(2, 2, 64, 128, backend="numpy",
                        block_table=np.array([[0, 2 * 10**9]], np.int64))
+
+
+def test_ragged_append_gives_each_sequence_its_own_length(rng):
+    """append(counts=...): sequence b takes the first counts[b] of the padded new tokens, so
+    a batch holds sequences of different lengths (here 5, 0 and 67 tokens, then one decode
+    token each: 6, 1 and 68, across a block edge). Each sequence reads back bit for bit,
+    and its attention output equals that of a one-sequence cache holding the same tokens."""
+    B, Hk, Hq, D, S = 3, 2, 4, 64, 70
+    cache = AlignedKVCache(1, Hk, D, 200, num_query_heads=Hq, batch_size=B, backend="numpy")
+    K, V = kv(rng, B, Hk, S, D)
+    counts = np.array([5, 0, 67])
+    cache.append(0, K, V, counts=counts)
+    assert cache.lengths()[0].tolist() == [5, 0, 67]
+    k1, v1 = kv(rng, B, Hk, 1, D)
+    cache.append(0, k1, v1)
+    assert cache.lengths()[0].tolist() == [6, 1, 68]
+    q = rng.standard_normal((B, Hq, D)).astype(np.float16)
+    out = cache.attend(0, q, mode="aligned")
+    for b in range(B):
+        want_k = np.concatenate([K[b, :, :counts[b]], k1[b]], 1)
+        want_v = np.concatenate([V[b, :, :counts[b]], v1[b]], 1)
+        got_k, got_v = cache.read(0, b)
+        assert np.array_equal(got_k.view(np.uint16), want_k.view(np.uint16))
+        assert np.array_equal(got_v.view(np.uint16), want_v.view(np.uint16))
+        alone = AlignedKVCache(1, Hk, D, 200, num_query_heads=Hq, batch_size=1,
+                               backend="numpy")
+        alone.append(0, want_k[None], want_v[None])
+        assert np.array_equal(alone.attend(0, q[b:b + 1], mode="aligned").view(np.uint16),
+                              out[b:b + 1].view(np.uint16))
+
+
+def test_block_table_is_copied_and_read_only(rng):
+    """The cache checks its block table once, so it keeps a copy: a later change to the
+    caller's array cannot reach it (it used to share an int32 array's memory), and the
+    cache's own copy refuses writes."""
+    table = np.array([[3, 0], [1, 2]], np.int32)
+    cache = AlignedKVCache(1, 1, 64, 128, batch_size=2, block_table=table, backend="numpy")
+    assert not np.shares_memory(cache.block_table, table)
+    table[1, 0] = 3                                   # would alias sequence 0's first block
+    assert cache.block_table.tolist() == [[3, 0], [1, 2]]
+    with pytest.raises(ValueError, match="read-only"):
+        cache.block_table[1, 0] = 3
+    K, V = kv(rng, 2, 1, 3, 64)
+    cache.append(0, K, V)
+    for b in range(2):
+        assert np.array_equal(cache.read(0, b)[0].view(np.uint16), K[b].view(np.uint16))

@@ -138,6 +138,9 @@ def test_impossible_workload_and_rule(tmp_path):
     data = base()
     data["workload"]["prompts"] = ["  "]
     expect_error(tmp_path, data, "workload.prompts[0]", "empty")
+    data = base()
+    data["workload"]["seed"] = -1          # numpy's generators refuse it after the run began
+    expect_error(tmp_path, data, "workload.seed", "in [0, 2^128), got -1")
 
 
 @pytest.mark.skipif(not Path("/usr/share/common-licenses/GPL-3").is_file(),
@@ -163,6 +166,10 @@ def test_file_level_errors(tmp_path):
         load_config(write(tmp_path, "model: [unclosed\n"))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
+    # a key given twice: PyYAML alone would keep the last one silently
+    text = (CONFIGS / "llama7b.yaml").read_text().replace("model:\n", "model:\n  kind: gguf-smollm2\n", 1)
+    with pytest.raises(ConfigError, match=r"(?s)not valid YAML.*found duplicate key 'kind'"):
+        load_config(write(tmp_path, text))
 
 
 def test_optional_sections_default():

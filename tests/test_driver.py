@@ -156,6 +156,33 @@ def _info(shape, strides, ptr, dtype=np.float16):
                      "cuda", 0, ptr, None)
 
 
+def test_ragged_append_launches_one_sequence_at_a_time(fake):
+    """append(counts=...) with counts that differ: one akv_append launch per sequence with a
+    count > 0, every per-sequence pointer (K, V, lengths, arrival count, block-table row)
+    offset to that sequence and grid z = 1; the same kernel and argument list as the
+    uniform append."""
+    B, Hk, Hq, D, L, S = 3, 2, 4, 64, 2, 70
+    cache = AlignedKVCache(L, Hk, D, 300, num_query_heads=Hq, batch_size=B, backend="cuda")
+    backend = cache._backend
+    bps = cache.blocks_per_sequence
+    k = _info((B, Hk, S, D), (S * Hk * D, D, Hk * D, 1), 0x10000)
+    v = _info((B, Hk, S, D), (Hk * S * D, S * D, D, 1), 0x20000)
+    fake.launches.clear()
+    backend.append(1, k, v, np.zeros(B, np.int64), 0x55, np.array([5, 0, 67]))
+    sig = fake.signatures["akv_append"]
+    assert [x["name"] for x in fake.launches] == ["akv_append"] * 2
+    for launch, b, n in zip(fake.launches, (0, 2), (5, 67)):
+        args = launch["args"]
+        assert len(args) == len(sig) and launch["stream"] == 0x55
+        assert launch["grid"] == (-(-n // BLOCK_TOKENS) + 1, Hk, 1)
+        assert args[:8] == [0x10000 + 2 * b * S * Hk * D, 0x20000 + 2 * b * Hk * S * D,
+                            S * Hk * D, D, Hk * D, Hk * S * D, S * D, D]
+        assert args[8] == n
+        assert args[9] == backend._lengths_ptr(1) + 4 * b
+        assert args[10] == backend.ws["append_arrive"].ptr + (B + b) * 4
+        assert args[11] == backend.ws["block_table"].ptr + 4 * b * bps and args[12] == bps
+
+
 def test_cuda_backend_launches_match_kernel_signatures(fake):
     B, Hk, Hq, D, L = 2, 3, 9, 64, 2
     cache = AlignedKVCache(L, Hk, D, 300, num_query_heads=Hq, batch_size=B, backend="cuda")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -100,8 +101,16 @@ def test_trace_round_trip(tmp_path, rng):
     with pytest.raises(FileNotFoundError, match="--save-trace"):
         model_lib.load_trace(tmp_path / "none.npz")
     np.savez(tmp_path / "x.npz", a=np.zeros(2))
-    with pytest.raises(ValueError, match="not a trace"):
+    with pytest.raises(model_lib.TraceFormatError, match="not a trace"):
         model_lib.load_trace(tmp_path / "x.npz")
+    # a text file, a 'meta' that is not JSON, a trace missing a layer's arrays
+    (tmp_path / "t.txt").write_text("root:x:0:0\n")
+    np.savez(tmp_path / "m.npz", meta=np.frombuffer(b"{nope", np.uint8))
+    np.savez(tmp_path / "l.npz", meta=np.frombuffer(json.dumps(trace.meta).encode(), np.uint8))
+    for name, match in (("t.txt", "not a trace"), ("m.npz", "not JSON"),
+                        ("l.npz", "not a complete trace")):
+        with pytest.raises(model_lib.TraceFormatError, match=match):
+            model_lib.load_trace(tmp_path / name)
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,16 @@ def test_missing_trace_is_a_clear_error(tmp_path, capsys):
     assert "no trace file" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_a_trace_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "passwd"
+    path.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    rc = run.main(["--config", str(CONFIGS / "smollm2-135m.yaml"), "--trace", str(path),
+                   "--backend", "numpy", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --trace: {path}: not a trace") and "Traceback" not in err
+
+
 # ------------------------------------------------------------------- workload pieces
 
 
@@ -264,3 +274,9 @@ def test_unwritable_output_is_refused_before_the_run(tmp_path, capsys, monkeypat
         assert rc == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {flag}") and "Traceback" not in err
+    # a folder where even root cannot create files (os.access alone says yes there)
+    if Path("/proc").is_dir():
+        rc = run.main(["--config", str(CONFIGS / "llama7b.yaml"), "--json",
+                       "/proc/akv_nope/out.json"])
+        assert rc == 2
+        assert "cannot create files in /proc" in capsys.readouterr().err
