@@ -167,7 +167,7 @@ class AlignedKVCache:
             if table.ndim != 2 or table.shape[0] != batch_size or table.shape[1] < blocks_per_seq:
                 raise ValueError(f"block_table: expected shape [{batch_size}, >= "
                                  f"{blocks_per_seq}], got {list(table.shape)}")
-            if not np.issubdtype(table.dtype, np.integer):
+            if table.dtype.kind not in "iu":       # not bool, not timedelta64 either
                 raise TypeError(f"block_table: expected integers, got {table.dtype}")
             table = table[:, :blocks_per_seq]
             # the range is checked on the caller's integers, before the int32 copy (which
@@ -194,7 +194,7 @@ class AlignedKVCache:
         self.rule = rule
         self.layout = PlaneLayout(num_layers, int(num_blocks), num_kv_heads, head_dim)
         table.flags.writeable = False        # checked once: read-only from here on
-        self.block_table = table
+        self._block_table = table
         self._lengths = np.zeros((num_layers, batch_size), np.int64)
 
         if backend == "auto":
@@ -236,6 +236,13 @@ class AlignedKVCache:
         return self._lengths[self._check_layer(layer)].copy()
 
     # ----------------------------------------------------------------- checks
+    @property
+    def block_table(self) -> np.ndarray:
+        """int32 [batch_size, blocks_per_sequence], read-only: the physical block of each
+        logical block of each sequence, as checked and copied at creation (it cannot be
+        replaced; the GPU holds the same copy)."""
+        return self._block_table
+
     def _check_layer(self, layer):
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
@@ -308,16 +315,19 @@ class AlignedKVCache:
         B = self.batch_size
         if counts is None:
             return np.full(B, new, np.int64)
+        if isinstance(counts, np.ma.MaskedArray):
+            raise TypeError("counts: expected a plain integer array, got a masked array (a "
+                            "masked sequence would still be appended; give it a count of 0)")
         try:
             arr = np.asarray(to_numpy(counts))
         except (TypeError, ValueError, RuntimeError, BufferError) as exc:
             raise TypeError(f"counts: expected a host integer array [{B}], got "
                             f"{type(counts).__name__} ({exc})") from None
-        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"counts: expected integers, got {arr.dtype}")
         if arr.shape != (B,):
             raise ValueError(f"counts: expected shape [{B}] (one per sequence), got "
                              f"{list(arr.shape)}")
+        if arr.dtype.kind not in "iu":          # not bool, float, timedelta64, object...
+            raise TypeError(f"counts: expected integers, got {arr.dtype}")
         if arr.min() < 0 or arr.max() > new:
             raise ValueError(f"counts: each must lie in [0, {new}] (new_tokens), got "
                              f"{arr.min()} .. {arr.max()}")

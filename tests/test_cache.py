@@ -68,7 +68,14 @@ def cache(rng):
      "counts: expected integers, got bool"),
     (lambda c, K, V, q: c.append(0, K, V, counts=np.zeros(2, np.int32)), ValueError,
      "counts: appends no token"),
-    (lambda c, K, V, q: c.append(0, K, V, counts="12"), TypeError, "counts: expected integers"),
+    (lambda c, K, V, q: c.append(0, K, V, counts="12"), ValueError,
+     r"counts: expected shape \[2\] \(one per sequence\), got \[\]"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=[]), ValueError,
+     r"counts: expected shape \[2\] \(one per sequence\), got \[0\]"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=np.array([1, 2], "m8[s]")), TypeError,
+     "counts: expected integers, got timedelta64"),
+    (lambda c, K, V, q: c.append(0, K, V, counts=np.ma.array([1, 2], mask=[0, 1])), TypeError,
+     "counts: expected a plain integer array, got a masked array"),
     # one sequence past the capacity: named, and nothing is written to the other either
     (lambda c, K, V, q: c.append(0, np.concatenate([K] * 3, 2), np.concatenate([V] * 3, 2),
                                  counts=[1, 190]), ValueError,
@@ -135,6 +142,8 @@ def test_host_dlpack_objects_are_read_in_place(cache, rng):
     (dict(block_table=np.array([[2**63, 1, 2, 3], [4, 5, 6, 7]], np.uint64)),
      r"block_table: entries must lie in"),
     (dict(block_table=[[0, 1, 2, 3], [4, 5, 6]]), r"block_table: expected a host integer array"),
+    (dict(block_table=np.arange(8).reshape(2, 4).astype("m8[s]")),
+     "block_table: expected integers, got timedelta64"),
 ])
 def test_impossible_caches_are_refused(kwargs, match):
     args = dict(num_layers=1, num_kv_heads=4, head_dim=64, max_seq_len=256, batch_size=2,
@@ -305,6 +314,8 @@ def test_block_table_is_copied_and_read_only(rng):
     assert cache.block_table.tolist() == [[3, 0], [1, 2]]
     with pytest.raises(ValueError, match="read-only"):
         cache.block_table[1, 0] = 3
+    with pytest.raises(AttributeError):                # nor can it be replaced unchecked
+        cache.block_table = np.array([[0, 1], [99, 2]], np.int32)
     K, V = kv(rng, 2, 1, 3, 64)
     cache.append(0, K, V)
     for b in range(2):
