@@ -421,40 +421,42 @@ class CudaBackend:
         lengths, arrival counts, block table: the pointers offset by b, grid z = 1), so the
         kernel is the uniform append's. A prefill's cost, not a decode step's: the arguments
         are packed per launch."""
-        cache = self.cache
-        D, Hk, bps = cache.head_dim, cache.num_kv_heads, cache.blocks_per_sequence
-        planes = [ptr(self._plane_ptr(n, layer)) for n in
-                  ("k_hi", "k_mid", "k_lo", "v_hi", "v_mid", "v_lo", "k_exp_max", "v_exp_max")]
-        k_sb, k_sh, k_ss = k_info.strides[:3]
-        v_sb, v_sh, v_ss = v_info.strides[:3]
+        D, Hk = self.cache.head_dim, self.cache.num_kv_heads
+        strides = k_info.strides[:3] + v_info.strides[:3]
+        k_sb, v_sb = strides[0], strides[3]
         item = 2                                        # bytes per fp16 element
         for b, count in enumerate(counts):
             count = int(count)
             if count == 0:
                 continue
-            args = [ptr(k_info.ptr + b * k_sb * item), ptr(v_info.ptr + b * v_sb * item),
-                    *(ctypes_i64(x) for x in (k_sb, k_sh, k_ss, v_sb, v_sh, v_ss)),
-                    i32(count), ptr(self._lengths_ptr(layer) + 4 * b),
-                    ptr(self.ws["append_arrive"].ptr + (layer * cache.batch_size + b) * 4),
-                    ptr(self.ws["block_table"].ptr + 4 * b * bps), i32(bps), *planes,
-                    i32(Hk), i32(D)]
+            args = self._append_args(
+                layer, ptr(k_info.ptr + b * k_sb * item), ptr(v_info.ptr + b * v_sb * item),
+                [ctypes_i64(x) for x in strides], i32(count), b)
             driver.launch(self.k_append, (blocks_for(count) + 1, Hk, 1), (D,), args, stream)
+
+    def _append_args(self, layer, k_ptr, v_ptr, strides, count, first=0):
+        """``akv_append``'s arguments (ctypes objects, in its order) for ``layer``, from
+        sequence ``first`` on: the K/V pointers, their six element strides and the token
+        count as given, the per-sequence arrays (lengths, arrival counts, block-table rows)
+        offset to sequence ``first``."""
+        cache = self.cache
+        bps = cache.blocks_per_sequence
+        p = {n: ptr(self._plane_ptr(n, layer)) for n in PLANE_NAMES}
+        return [
+            k_ptr, v_ptr, *strides, count, ptr(self._lengths_ptr(layer) + 4 * first),
+            ptr(self.ws["append_arrive"].ptr + (layer * cache.batch_size + first) * 4),
+            ptr(self.ws["block_table"].ptr + 4 * first * bps), i32(bps),
+            p["k_hi"], p["k_mid"], p["k_lo"], p["v_hi"], p["v_mid"], p["v_lo"],
+            p["k_exp_max"], p["v_exp_max"], i32(cache.num_kv_heads), i32(cache.head_dim)]
 
     def _append_plan(self, layer):
         """Packed arguments of ``akv_append`` for one layer; the per-call
         values (K/V pointers and strides, token count) are rewritten by :meth:`append`."""
-        cache = self.cache
         plan = _DecodePlan()
         plan.k_ptr, plan.v_ptr, plan.count = ptr(0), ptr(0), i32(0)
         plan.strides = [ctypes_i64(0) for _ in range(6)]
-        p = {n: ptr(self._plane_ptr(n, layer)) for n in PLANE_NAMES}
-        lengths = ptr(self._lengths_ptr(layer))
-        plan.pack("append", [
-            plan.k_ptr, plan.v_ptr, *plan.strides, plan.count, lengths,
-            ptr(self.ws["append_arrive"].ptr + layer * cache.batch_size * 4),
-            ptr(self.ws["block_table"].ptr), i32(cache.blocks_per_sequence),
-            p["k_hi"], p["k_mid"], p["k_lo"], p["v_hi"], p["v_mid"], p["v_lo"],
-            p["k_exp_max"], p["v_exp_max"], i32(cache.num_kv_heads), i32(cache.head_dim)])
+        plan.pack("append", self._append_args(layer, plan.k_ptr, plan.v_ptr, plan.strides,
+                                              plan.count))
         return plan
 
     # ------------------------------------------------------------------ attend
