@@ -245,10 +245,12 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     result["default_version"] = default
     backend = cache._backend
     fused = backend._use_fused(-(-ctx // 64), Hk, batch)
-    # "path": what a cache runs by default here, the fused kernel or the four launches of
-    # the default version; the untagged akv_full / akv_aligned time that path, the _vN ones
-    # the four launches of version N
-    result["path"] = "fused" if fused else "four"
+    whole = not cache.v_rule_applies(0)
+    # "path": what a cache runs by default here (v_rule "auto"): the V-whole path's three
+    # launches, the fused kernel, or the four launches of the default version; the untagged
+    # akv_full / akv_aligned time that path, the _vN ones the four launches of version N
+    # with the V rule on every call (v_rule "always")
+    result["path"] = "whole" if whole else ("fused" if fused else "four")
     for version in sorted(set(versions) | {default}):
         candidates += [(f"akv_full_v{version}", version, ours("full")),
                        (f"akv_aligned_v{version}", version, ours("aligned"))]
@@ -258,12 +260,14 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     # (_interleaved_median_ms), so that no candidate is favoured by its place in the run
     graphs, times = {}, {}
     for name, version, fn in candidates:
-        if version == "default":
+        if version == "default":               # the cache's default path (v_rule "auto")
             backend.fused = env_fused()
             backend.set_decode_version(default)
-        elif version is not None:
+            cache.v_rule = "auto"
+        elif version is not None:              # the four launches of version N (the V rule)
             backend.fused = False
             backend.set_decode_version(version)
+            cache.v_rule = "always"
         try:
             graphs[name] = _capture_graph(torch, fn, reps, rotate)
         except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
@@ -278,17 +282,18 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     result["ms"] = {name: times[name] for name, _, _ in candidates}
     backend.fused = env_fused()
     backend.set_decode_version(default)
+    cache.v_rule = "auto"
     # each decode phase alone (aligned mode, default kernels), to place the time
     from .arrays import describe
     q_infos = [describe(q, "q") for q in qs]
     phase_ms = {}
     names = [name for name, _ in cache._backend.decode_phases(
-        0, q_infos[0], out.data_ptr(), "aligned", rule, 0)]   # packs; launches nothing
+        0, q_infos[0], out.data_ptr(), "aligned", rule, 0, v_whole=whole)]   # launches nothing
     for k, name in enumerate(names):
         def one(i, k=k):
             stream = torch.cuda.current_stream().cuda_stream
             cache._backend.decode_phases(i, q_infos[i], out.data_ptr(), "aligned", rule,
-                                         stream)[k][1]()
+                                         stream, v_whole=whole)[k][1]()
         phase_ms[name] = _median_graph_ms(torch, one, reps, rotate)
     result["phase_ms"] = phase_ms
     # bytes read, from the kernels' own counters (one counted call per layer)
@@ -335,9 +340,10 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
 
 def format_table(rows, copy_bw) -> str:
     """The short table: one row per case; ``algn vN`` columns for every kernel version timed
-    (four launches); column ``v`` is the path a cache runs by default (``F``: the fused
-    kernel, else the default version), whose times are the ``full`` and ``aligned``
-    columns."""
+    (four launches, the V rule on every call); column ``v`` is the path a cache runs by
+    default, ``v_rule="auto"`` (``W``: the V-whole path, ``F``: the fused kernel, else the
+    default version's four launches), whose times are the ``aligned`` column (``full``: full
+    mode, the V-whole path's three launches from version 3 on)."""
     versions = sorted({int(k.rsplit("_v", 1)[1]) for r in rows for k in r["ms"]
                        if k.startswith("akv_aligned_v")} |
                       {r["default_version"] for r in rows if "default_version" in r})
@@ -352,11 +358,14 @@ def format_table(rows, copy_bw) -> str:
         t = r["ms"]
         default = r.get("default_version")
         fused = r.get("path") == "fused"
+        four = r.get("path") in (None, "four")
         per_version = "".join(       # rows written before the fused path: untagged = default
             " " + fmt(t.get(f"akv_aligned_v{v}") or
-                      (t.get("akv_aligned") if v == default and not fused else None))
+                      (t.get("akv_aligned") if v == default and four else None))
             for v in versions)
-        path = "F" if fused else (default if default is not None else "?")
+        # F: the fused kernel; W: the V-whole path (V at 16 bits, v_rule "auto")
+        path = "F" if fused else ("W" if r.get("path") == "whole" else
+                                  (default if default is not None else "?"))
         lines.append(
             f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
             f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))}{per_version} "

@@ -22,7 +22,8 @@ from . import reference
 from .arrays import describe, is_torch_tensor, to_numpy
 from .layout import (BLOCK_TOKENS, COUNTER_NAMES, MAX_GQA_GROUP, PLANE_NAMES,
                      SUPPORTED_HEAD_DIMS, PlaneLayout, blocks_for, identity_block_table)
-from .reference import MODES, SEED_RULE, AlignmentRule, named_rule
+from .reference import (MODES, SEED_RULE, V_RULE_POLICIES, AlignmentRule, named_rule,
+                        v_rule_applies)
 
 
 class CPUFallbackWarning(RuntimeWarning):
@@ -74,6 +75,12 @@ def _check_rule_backend(rule: AlignmentRule, backend: str) -> None:
             "backend='numpy' or a rule without k_weight_margin")
 
 
+def _check_v_rule(v_rule) -> None:
+    """ValueError unless ``v_rule`` is one of ``reference.V_RULE_POLICIES``."""
+    if not isinstance(v_rule, str) or v_rule not in V_RULE_POLICIES:
+        raise ValueError(f"v_rule: expected one of {V_RULE_POLICIES}, got {v_rule!r}")
+
+
 def _as_rule(rule) -> AlignmentRule:
     """An AlignmentRule, or the name of one of ``reference.RULES`` ("seed", "tuned",
     "precise"); TypeError / ValueError otherwise."""
@@ -112,6 +119,13 @@ class AlignedKVCache:
     rule : AlignmentRule or str
         The precision-alignment rule used in ``aligned`` mode (DESIGN.md section 4), or the
         name of one of ``reference.RULES``.
+    v_rule : {"auto", "always", "never"}
+        When an ``aligned`` call applies the rule's V side (docs/design.md, "The V-whole
+        path"; settable later as ``cache.v_rule``). ``auto`` (default): on calls whose V,
+        read whole, exceeds ``reference.V_RULE_MIN_BYTES`` (64 MiB); smaller calls read V at
+        all 16 bits (K still at its tiers) and skip the V rule's estimate phase, which there
+        costs more time than the V bytes it saves. ``always``: the paper's rule on every
+        call. ``never``: V always whole. The counters report what was read either way.
     backend : {"auto", "cuda", "numpy"}
         ``auto`` takes CUDA when a driver and a GPU are present, else numpy with a
         :class:`CPUFallbackWarning`.
@@ -127,7 +141,8 @@ class AlignedKVCache:
 
     def __init__(self, num_layers, num_kv_heads, head_dim, max_seq_len, *,
                  num_query_heads=None, batch_size=1, block_table=None, num_blocks=None,
-                 rule: AlignmentRule = SEED_RULE, backend="auto", device_id=0):
+                 rule: AlignmentRule = SEED_RULE, v_rule: str = "auto", backend="auto",
+                 device_id=0):
         num_layers = _positive_int("num_layers", num_layers)
         num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
         max_seq_len = _positive_int("max_seq_len", max_seq_len)
@@ -145,6 +160,7 @@ class AlignedKVCache:
             raise ValueError(f"num_query_heads: a GQA group of "
                              f"{num_query_heads // num_kv_heads} exceeds {MAX_GQA_GROUP}")
         rule = _as_rule(rule)
+        _check_v_rule(v_rule)
         blocks_per_seq = blocks_for(max_seq_len)
         if block_table is None:
             num_blocks = batch_size * blocks_per_seq if num_blocks is None else num_blocks
@@ -192,6 +208,7 @@ class AlignedKVCache:
         self.blocks_per_sequence = blocks_per_seq
         self.capacity = blocks_per_seq * BLOCK_TOKENS
         self.rule = rule
+        self._v_rule = v_rule
         self.layout = PlaneLayout(num_layers, int(num_blocks), num_kv_heads, head_dim)
         table.flags.writeable = False        # checked once: read-only from here on
         self._block_table = table
@@ -223,6 +240,25 @@ class AlignedKVCache:
     def backend(self) -> str:
         """``"cuda"`` or ``"numpy"``."""
         return self._backend.name
+
+    @property
+    def v_rule(self) -> str:
+        """When aligned calls apply the V rule: ``"auto"``, ``"always"`` or ``"never"`` (see
+        the class docstring). Setting it checks the value (ValueError otherwise)."""
+        return self._v_rule
+
+    @v_rule.setter
+    def v_rule(self, value: str) -> None:
+        _check_v_rule(value)
+        self._v_rule = value
+
+    def v_rule_applies(self, layer: int) -> bool:
+        """Whether an ``aligned`` call on ``layer`` now applies the V rule (else it reads V
+        whole): ``reference.v_rule_applies`` for this cache's shape and the layer's longest
+        sequence."""
+        layer = self._check_layer(layer)
+        return v_rule_applies(self._v_rule, self.batch_size, self.num_kv_heads,
+                              self.head_dim, int(self._lengths[layer].max()))
 
     @property
     def device(self) -> str:
@@ -402,7 +438,11 @@ class AlignedKVCache:
             empty = int(np.argmin(self._lengths[layer]))
             raise ValueError(f"layer: sequence {empty} of layer {layer} holds no tokens; "
                              f"append before attend")
-        return self._backend.attend(layer, q_info, out_info, mode, rule, stream, count, debug)
+        v_whole = mode == "aligned" and not v_rule_applies(
+            self._v_rule, self.batch_size, self.num_kv_heads, self.head_dim,
+            int(self._lengths[layer].max()))
+        return self._backend.attend(layer, q_info, out_info, mode, rule, stream, count, debug,
+                                    v_whole)
 
     # ----------------------------------------------------------------- reading
     def read(self, layer: int, sequence: int, tier: int = 16) -> tuple:
@@ -510,11 +550,12 @@ class NumpyBackend:
         reference.append_tokens(self.layer_planes(layer), self.cache.block_table, starts,
                                 to_numpy(k_info.obj), to_numpy(v_info.obj), counts)
 
-    def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug):
+    def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug,
+               v_whole=False):
         cache = self.cache
         result = reference.decode_attention(
             self.layer_planes(layer), to_numpy(q_info.obj), cache.block_table,
-            cache._lengths[layer], mode, rule, keep_debug=debug)
+            cache._lengths[layer], mode, rule, keep_debug=debug, v_whole=v_whole)
         if out_info is not None:                # written first: a failed write counts nothing
             to_numpy(out_info.obj)[...] = result.output
             output = out_info.obj

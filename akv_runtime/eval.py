@@ -294,8 +294,9 @@ def evaluate(trace, *, decode_steps: int | None = None, layers=None,
         raise ValueError(f"decode_steps: expected 1..{trace.decode_steps}, got {steps}")
     kept = trace.layers if layers is None else [int(x) for x in layers]
     Hq, Hk, D = (int(meta[k]) for k in ("num_query_heads", "num_kv_heads", "head_dim"))
+    # the rule itself is measured here: its V side on every call, whatever the call's size
     cache = AlignedKVCache(len(kept), Hk, D, C_first + steps, num_query_heads=Hq,
-                           backend=backend, rule=rule)
+                           backend=backend, rule=rule, v_rule="always")
     if cache.backend == "cuda":
         import torch
 

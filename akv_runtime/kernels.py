@@ -259,6 +259,7 @@ class CudaBackend:
         self.k_estimate = fn("akv_decode_estimate")
         self.k_estimate_short = fn("akv_decode_estimate_short")
         self.k_combine = fn("akv_decode_combine")
+        self.k_combine_rescale = fn("akv_decode_combine_rescale")
         group = cache.num_query_heads // cache.num_kv_heads
         self.default_decode_version = default_decode_version(group, cache.head_dim)
         env_version = env_decode_version()
@@ -460,7 +461,7 @@ class CudaBackend:
         return plan
 
     # ------------------------------------------------------------------ attend
-    def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug):
+    def attend(self, layer, q_info, out_info, mode, rule, stream, count, debug, v_whole=False):
         s = resolve_stream(stream, q_info)
         if out_info is None:
             out_obj, out_ptr = self._new_output(q_info)
@@ -470,17 +471,22 @@ class CudaBackend:
         if debug:
             k_map, v_map = self._debug_maps(s)
         for _, launch in self.decode_phases(layer, q_info, out_ptr, mode, rule, s, count,
-                                            k_map, v_map):
+                                            k_map, v_map, v_whole):
             launch()
         if not debug:
             return out_obj
         return out_obj, self._debug_info(layer, s)
 
     def decode_phases(self, layer, q_info, out_ptr, mode, rule, stream, count=False,
-                      k_map=0, v_map=0) -> list:
+                      k_map=0, v_map=0, v_whole=False) -> list:
         """The decode launches as ``(name, callable)`` in order (DESIGN.md section 5): the
         four phases (scores, estimate, values, combine), or the one fused launch where
-        :meth:`_use_fused` says so (cuda/akv_fused.cu).
+        :meth:`_use_fused` says so (cuda/akv_fused.cu). With V read whole (``full`` mode, or
+        ``v_whole``: an aligned call left out of the V rule, ``reference.v_rule_applies``)
+        versions >= 3 run the V-whole path's three launches (scores, values with each split
+        normalised by its own statistics, akv_decode_combine_rescale; docs/design.md);
+        versions 1 and 2 run their four launches with V at tier 16 (the estimate only for
+        the statistics, uncounted).
 
         :meth:`attend` runs them all; the benchmark also times each alone (each reads only
         what earlier phases left in the workspace, so repeating one is harmless).
@@ -494,7 +500,8 @@ class CudaBackend:
         Hk = cache.num_kv_heads
         nblk = blocks_for(int(cache._lengths[layer].max()))
         go = driver.launch_packed
-        if self._use_fused(nblk, Hk, B):
+        whole = mode == "full" or bool(v_whole)
+        if not whole and self._use_fused(nblk, Hk, B):
             plan = self._plan(layer, mode, rule, count, k_map, v_map, fused=True)
             plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
             plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
@@ -506,11 +513,20 @@ class CudaBackend:
                                          plan.fused, stream, smem, cluster))]
         score_split, split = self.splits(nblk, Hk, B)
         score_splits, splits = -(-nblk // score_split), -(-nblk // split)
-        plan = self._plan(layer, mode, rule, count, k_map, v_map)
+        plan = self._plan(layer, mode, rule, count, k_map, v_map, whole=whole)
         plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
         plan.score_split.value, plan.split.value = score_split, split
         plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
         chains = combine_chains(splits, Hq * B, D, self.dev.multiprocessors)
+        if whole and self.decode_version >= 3:
+            return [
+                ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
+                                      plan.scores, stream, self.scores_smem)),
+                ("values", lambda: go(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
+                                      plan.values, stream, self.values_smem)),
+                ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
+                                       plan.combine, stream)),
+            ]
         estimate = self._estimate_launch(nblk, Hq, B)
         return [
             ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
@@ -558,10 +574,12 @@ class CudaBackend:
                         (32 * SHORT_ESTIMATE_HEADS,))
         return (self.k_estimate, (Hq, B), (ESTIMATE_THREADS,))
 
-    def _plan(self, layer, mode, rule, count, k_map, v_map, fused=False):
-        """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`)."""
+    def _plan(self, layer, mode, rule, count, k_map, v_map, fused=False, whole=False):
+        """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`):
+        ``whole`` packs the V-whole path (versions >= 3: values with full_mode 2 and the
+        rescaling combine; 1 and 2: V at tier 16, the estimate uncounted)."""
         key = (layer, mode, rule, bool(count), k_map, v_map,
-               "fused" if fused else self.decode_version)
+               "fused" if fused else self.decode_version, bool(whole))
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -597,17 +615,24 @@ class CudaBackend:
             f32(1.0 / np.sqrt(D)), full, i32(rule.k_thresholds[0]), i32(rule.k_thresholds[1]),
             *score_extra, ws["scores"], ws["block_max"], ws["block_sum"], ws["block_arg"], counters,
             ptr(k_map)])
+        split_path = whole and self.decode_version >= 3
+        # the V-whole path of versions 1-2 runs the estimate for m and l only: uncounted
         plan.pack("estimate", [
             lengths, ws["block_table"], i32(bps), p["v_hi"], i32(Hk), i32(G), i32(D),
             i32(rule.topk), ws["block_max"], ws["block_sum"], ws["block_arg"], ws["stats"],
-            ws["o_est"], counters])
+            ws["o_est"], ptr(0) if whole else counters])
+        # versions >= 3 also take the block statistics and split_stats (the V-whole path)
+        value_extra = ([ws["block_max"], ws["block_sum"], ws["split_stats"]]
+                       if self.decode_version >= 3 else [])
         plan.pack("values", [
             lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
-            p["v_exp_max"], i32(Hk), i32(G), full, i32(rule.v_thresholds[0]),
+            p["v_exp_max"], i32(Hk), i32(G), i32(2) if split_path else (i32(1) if whole else full),
+            i32(rule.v_thresholds[0]),
             i32(rule.v_thresholds[1]), i32(rule.v_skip_gap), i32(rule.v_bias), *extra,
-            ws["scores"], ws["stats"], ws["o_est"], ws["partial"], counters, ptr(v_map)])
+            ws["scores"], ws["stats"], ws["o_est"], ws["partial"], counters, ptr(v_map),
+            *value_extra])
         plan.pack("combine", [lengths, i32(bps), i32(Hq), i32(D), plan.split, ws["partial"],
-                              plan.out_ptr])
+                              *([ws["split_stats"]] if split_path else []), plan.out_ptr])
         self._plans[key] = plan
         return plan
 

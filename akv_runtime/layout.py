@@ -146,7 +146,9 @@ class Workspace:
       ``block_arg [B, Hq, NB]`` int32 – token of the block maximum
     * ``stats [B, Hq, 2]`` – global max m and sum l
     * ``o_est [B, Hq, D]`` – the V-side output estimate (DESIGN.md section 4)
-    * ``partial [B, Hq, NB, D]`` – per-block partial outputs, already normalised
+    * ``partial [B, Hq, NB, D]`` – per-split partial outputs, already normalised
+    * ``split_stats [B, Hq, NB, 2]`` – each split's own max and sum (the V-whole path, whose
+      partials are normalised per split; docs/design.md)
     """
 
     batch: int
@@ -164,4 +166,5 @@ class Workspace:
             "stats": ((B, H, 2), np.float32),
             "o_est": ((B, H, D), np.float32),
             "partial": ((B, H, NB, D), np.float32),
+            "split_stats": ((B, H, NB, 2), np.float32),
         }

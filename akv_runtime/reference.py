@@ -176,6 +176,45 @@ def named_rule(name: str) -> AlignmentRule:
 
 MODES = ("aligned", "full")
 
+#: When the V rule runs (``AlignedKVCache(v_rule=...)``, docs/design.md "The V-whole path"):
+#: ``auto`` on calls whose V, read whole, is more than :data:`V_RULE_MIN_BYTES`; ``always``
+#: on every aligned call (the paper's rule as given); ``never``: V is always read whole.
+V_RULE_POLICIES = ("auto", "always", "never")
+
+#: ``v_rule="auto"``: the V rule runs on a call only when its V cache, read whole (batch x KV
+#: heads x the longest sequence's blocks x 64 tokens x head_dim x 2 bytes), is more than
+#: this. Below it the V rule's estimate phase (~6 us at 4k tokens) costs more time than its
+#: fewer V bytes save. Measured on the H200 (docs/perf-notes.md, fourteenth session, the
+#: V-whole call against the four launches): faster at 4-64 MiB of V (Llama-3-8B 1 x 4k 17.7
+#: against 23.6 us, SmolLM2 8 x 4k 18.3 against 24.3, Llama-2-7B 1 x 4k 28.0 against 30.0,
+#: Llama-3-8B 8 x 4k at 64 MiB 56.4 against 57.2), slower from 128 MiB (Llama-2-7B 1 x 16k
+#: 74.2 against 68.3 us, every 256 MiB shape).
+V_RULE_MIN_BYTES = 64 << 20
+
+
+def v_rule_applies(policy: str, batch: int, num_kv_heads: int, head_dim: int,
+                   max_length: int) -> bool:
+    """Whether an aligned decode call applies the V rule under ``policy`` (one of
+    :data:`V_RULE_POLICIES`), or reads V whole (tier 16, K still at its tiers).
+
+    Parameters
+    ----------
+    policy : str
+    batch, num_kv_heads, head_dim : int
+    max_length : int
+        Tokens of the batch's longest sequence.
+
+    Raises ValueError for an unknown policy. Source: docs/design.md, "The V-whole path";
+    the threshold is :data:`V_RULE_MIN_BYTES`."""
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    if policy != "auto":
+        raise ValueError(f"v_rule: expected one of {V_RULE_POLICIES}, got {policy!r}")
+    v_bytes = batch * num_kv_heads * blocks_for(max_length) * BLOCK_TOKENS * head_dim * 2
+    return v_bytes > V_RULE_MIN_BYTES
+
 
 def tier_from_gap(gap, thresholds, skip: int | None = None) -> np.ndarray:
     """Tier (uint8: 8, 12 or 16; 0 where ``gap >= skip``) for integer exponent gaps."""
@@ -606,13 +645,17 @@ def estimate_blocks(block_max, topk: int) -> np.ndarray:
 
 def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned",
                      rule: AlignmentRule = SEED_RULE, scale: float | None = None,
-                     keep_debug: bool = False) -> DecodeResult:
+                     keep_debug: bool = False, v_whole: bool = False) -> DecodeResult:
     """Decode attention of one query token per sequence against one layer's planes.
 
     The twin of the four CUDA decode kernels (DESIGN.md section 5): K read at
     :func:`k_tiers`, fp32 scores, per-block max/arg-max/sum, global max ``m`` and sum ``l``,
     the V-side estimate ``O_est_d = Σ_{j∈S} p_j |v8_jd|`` over the arg-max tokens of the
     top-``rule.topk`` blocks (hi plane only), V read at :func:`v_tiers`, fp32 output.
+    With ``v_whole`` (and always in ``full`` mode) it is the twin of the V-whole path's three
+    launches (docs/design.md): no estimate (``o_est`` stays zero, its rows are not counted),
+    every V token at tier 16; the kernels normalise per split and merge the splits, which
+    equals this global softmax up to fp32 rounding.
 
     Parameters
     ----------
@@ -629,6 +672,9 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
         Score scale, default ``1/sqrt(D)``.
     keep_debug : bool
         Keep tiers, scores and weights per sequence in the result.
+    v_whole : bool
+        Read V whole (tier 16) with K at its tiers: an aligned call that
+        :func:`v_rule_applies` leaves out of the V rule.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -675,23 +721,12 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
             l = (bsum * np.exp(bmax - m[:, None])).sum(axis=-1, dtype=np.float32)
             p = (np.exp(s[:, :n] - m[:, None]) / l[:, None]).astype(np.float32)
         result.stats[b, :, 0], result.stats[b, :, 1] = m, l
-        # the V-side estimate from the top-k blocks' arg-max tokens (hi plane only)
         vh, vm, vl = _gather_v(planes, blocks)                  # [nblk, Hk, 64, D]
-        # slots in selection order, per query head: [Hq, k]
-        sel = np.stack([estimate_blocks(bmax[h], rule.topk) for h in range(Hq)])
-        tok = np.take_along_axis(barg, sel, axis=1)                       # [Hq, k]
-        heads = np.arange(Hq)[:, None]
-        hi_rows = vh[sel, heads // G, tok % BLOCK_TOKENS]                # [Hq, k, D]
-        rows = np.abs(join_planes(hi_rows, 0, 0, 8).astype(np.float32))
-        terms = p[heads, tok][..., None] * rows                           # fp32 products
-        o_est = np.zeros((Hq, D), np.float32)
-        for r in range(sel.shape[1]):                                     # the kernel's order
-            o_est += terms[:, r]
-        result.o_est[b] = o_est
-        if mode == "full":
+        whole = v_whole or mode == "full"
+        if whole:                               # the V-whole path: no estimate
             vt = np.full((Hk, n), 16, np.uint8)
         else:
-            vt = v_tiers(p, o_est, vexp, n, rule)
+            vt = _estimate_and_v_tiers(result, b, vh, vexp, bmax, barg, p, n, G, D, rule)
         vt_blocks = _token_tiers_to_blocks(vt, nblk)
         V = join_planes(vh, vm, vl, vt_blocks).astype(np.float32)
         V = np.where(vt_blocks == 0, np.float32(0), V)          # tier 0: not read
@@ -699,13 +734,32 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
         o = np.einsum("hgj,hjd->hgd", p.reshape(Hk, G, n).astype(np.float64),
                       V.astype(np.float64))
         out[b] = o.reshape(Hq, D).astype(np.float32).astype(np.float16)
-        counters += _count_bytes(kt, vt, n, Hq, nblk, D, rule)
+        counters += _count_bytes(kt, vt, n, Hq, nblk, D, rule, estimate=not whole)
         if keep_debug:
             result.k_tiers.append(kt)
             result.v_tiers.append(vt)
             result.scores.append(s[:, :n])
             result.weights.append(p)
     return result
+
+
+def _estimate_and_v_tiers(result, b, vh, vexp, bmax, barg, p, n, G, D, rule):
+    """The V rule of :func:`decode_attention` for sequence ``b``: O_est (kept in
+    ``result.o_est[b]``) and the V tiers [Hk, n]."""
+    Hq = bmax.shape[0]
+    # the V-side estimate from the top-k blocks' arg-max tokens (hi plane only)
+    # slots in selection order, per query head: [Hq, k]
+    sel = np.stack([estimate_blocks(bmax[h], rule.topk) for h in range(Hq)])
+    tok = np.take_along_axis(barg, sel, axis=1)                       # [Hq, k]
+    heads = np.arange(Hq)[:, None]
+    hi_rows = vh[sel, heads // G, tok % BLOCK_TOKENS]                # [Hq, k, D]
+    rows = np.abs(join_planes(hi_rows, 0, 0, 8).astype(np.float32))
+    terms = p[heads, tok][..., None] * rows                           # fp32 products
+    o_est = np.zeros((Hq, D), np.float32)
+    for r in range(sel.shape[1]):                                     # the kernel's order
+        o_est += terms[:, r]
+    result.o_est[b] = o_est
+    return v_tiers(p, o_est, vexp, n, rule)
 
 
 @dataclass
@@ -897,7 +951,7 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
         counters[3] += D * int((vt_valid > 0).sum())
         counters[4] += (D // 2) * int((vt_valid >= 12).sum())
         counters[5] += (D // 2) * int((vt_valid >= 16).sum())
-        counters[6] += P * (2 * D * nb * Hk + D * Hq * k_sel)
+        counters[6] += P * (2 * D * nb * Hk + (0 if mode == "full" else D * Hq * k_sel))
         counters[7] += D * Hk * int(lengths.sum())
         if keep_debug:
             for i in range(P):
@@ -914,8 +968,9 @@ def _token_tiers_to_blocks(vt, nblk):
     return padded.reshape(Hk, nblk, BLOCK_TOKENS).transpose(1, 0, 2)[..., None]
 
 
-def _count_bytes(kt, vt, n, Hq, nblk, D, rule):
-    """Bytes read per plane, as the kernel counts them (layout.py gives bytes per tier)."""
+def _count_bytes(kt, vt, n, Hq, nblk, D, rule, estimate: bool = True):
+    """Bytes read per plane, as the kernel counts them (layout.py gives bytes per tier);
+    ``estimate``: the V rule's estimate ran (its hi rows count as metadata)."""
     Hk = kt.shape[0]
     half_t, half_d = BLOCK_TOKENS // 2, D // 2
     c = np.zeros(len(COUNTER_NAMES), np.int64)
@@ -930,7 +985,7 @@ def _count_bytes(kt, vt, n, Hq, nblk, D, rule):
     if rule.k_weight_margin is not None:     # two-pass K: pass 2 re-reads the hi rows of the
         c[0] += BLOCK_TOKENS * int((kt >= 12).sum())    # channels it refines
     # exponent maxima (K and V) per block and KV head, plus the estimate's hi rows
-    c[6] = 2 * D * nblk * Hk + D * Hq * min(rule.topk, nblk)
+    c[6] = 2 * D * nblk * Hk + (D * Hq * min(rule.topk, nblk) if estimate else 0)
     c[7] = n * D * Hk
     return c
 

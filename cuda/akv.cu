@@ -11,6 +11,9 @@
 //   akv_decode_estimate           global max/sum, top-k V output estimate O_est
 //   akv_decode_values_d{64,128}   V tiers per token, per-block partial outputs (normalised)
 //   akv_decode_combine            sum of the partials -> fp16 output
+// or, on the V-whole path (V at 16 bits, no V rule; docs/design.md), three: scores, values
+// with full_mode 2 (each split normalised by its own softmax statistics) and
+// akv_decode_combine_rescale (the flash-decoding merge of the splits).
 // Each has its numpy twin in akv_runtime/reference.py (decode_attention).
 #include "akv_planes.cuh"
 
@@ -876,6 +879,67 @@ akv_decode_combine(const int* __restrict__ lengths, int blocks_per_seq, int num_
   if (c > 0) s_chain[c - 1][d] = a;
   __syncthreads();
   if (c == 0) out[row] = __float2half_rn((a + s_chain[0][d]) + (s_chain[1][d] + s_chain[2][d]));
+}
+
+// akv_decode_combine_rescale: the combine of the V-whole path (docs/design.md), where each
+// split's partial is normalised by that split's own softmax statistics (m_j, l_j) in
+// split_stats[(b, hq, j), 2] (the values kernels with full_mode 2) and no estimate phase ran.
+// out = fp16(sum_j w_j partial_j / sum_j w_j), w_j = l_j * exp(m_j - M), M = max_j m_j (a
+// split whose m_j is -inf has no finite score and weighs 0), the flash-decoding merge. Grid
+// (Hq, B); block C * D threads as akv_decode_combine, and the same fixed order whatever C
+// is: running sums j mod 4 of w_j partial_j and of w_j, then (a0 + a1) + (a2 + a3). M first,
+// by all threads over the splits (max is exact, so its order does not matter).
+extern "C" __global__ void __launch_bounds__(kCombineChains * kCombineMaxHeadDim)
+akv_decode_combine_rescale(const int* __restrict__ lengths, int blocks_per_seq, int num_q_heads,
+                           int head_dim, int split_blocks, const float* __restrict__ partial,
+                           const float* __restrict__ split_stats, __half* __restrict__ out) {
+  __shared__ float s_chain[kCombineChains - 1][kCombineMaxHeadDim];
+  __shared__ float s_lchain[kCombineChains - 1];
+  __shared__ float s_max[kCombineChains * kCombineMaxHeadDim / 32];
+  const int hq = blockIdx.x, b = blockIdx.y, D = head_dim;
+  const int d = threadIdx.x % D, c = threadIdx.x / D;
+  const int nsplit = ((lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS + split_blocks - 1) /
+                     split_blocks;
+  const long long head = (long long)b * num_q_heads + hq;
+  const float* p = partial + head * blocks_per_seq * D + d;
+  const float* st = split_stats + head * blocks_per_seq * 2;
+  float mm = -INFINITY;
+  for (int j = threadIdx.x; j < nsplit; j += blockDim.x) mm = fmaxf(mm, st[2 * j]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+  if ((threadIdx.x & 31) == 0) s_max[threadIdx.x >> 5] = mm;
+  __syncthreads();
+  mm = s_max[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) mm = fmaxf(mm, s_max[w]);
+  const long long row = head * D + d;
+  auto weight = [&](int j) {
+    const float m = st[2 * j];
+    return m == -INFINITY ? 0.f : st[2 * j + 1] * expf(m - mm);
+  };
+  if (blockDim.x == D) {               // C = 1
+    float a[kCombineChains] = {0.f, 0.f, 0.f, 0.f}, l[kCombineChains] = {0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < nsplit; ++j) {
+      const float w = weight(j);
+      a[j % kCombineChains] += w * p[(long long)j * D];
+      l[j % kCombineChains] += w;
+    }
+    out[row] = __float2half_rn(((a[0] + a[1]) + (a[2] + a[3])) / ((l[0] + l[1]) + (l[2] + l[3])));
+    return;
+  }
+  float a = 0.f, l = 0.f;              // C = 4: thread (c, d) keeps running sum c
+  for (int j = c; j < nsplit; j += kCombineChains) {
+    const float w = weight(j);
+    a += w * p[(long long)j * D];
+    l += w;
+  }
+  if (c > 0) {
+    s_chain[c - 1][d] = a;
+    if (d == 0) s_lchain[c - 1] = l;
+  }
+  __syncthreads();
+  if (c == 0)
+    out[row] = __float2half_rn(((a + s_chain[0][d]) + (s_chain[1][d] + s_chain[2][d])) /
+                               ((l + s_lchain[0]) + (s_lchain[1] + s_lchain[2])));
 }
 
 // ------------------------------------------------------------------ decode, version 2

@@ -381,6 +381,14 @@ __device__ __forceinline__ void scores(
 // plane load (docs/perf-notes.md); the exponent maxima go to registers of the threads that
 // reduce them, with no shared copy. Adds the split's V bytes to `counters`. Ends
 // synchronised.
+//
+// full_mode 2 (the V-whole path, docs/design.md "The V-whole path"): every token at tier 16
+// and no estimate phase before this kernel, so no global statistics and no O_est: m and l
+// are this split's own (its blocks' maxima and sums from the scores kernel, merged in block
+// order with the estimate kernel's online expressions), p = exp(s - m_split) / l_split, and
+// (m_split, l_split) of each head go to split_stats[(qhead + g) * blocks_per_seq + split]
+// for akv_decode_combine_rescale. The V exponent maxima are still read (for `special`, the
+// Inf/NaN blocks) and counted.
 template <int D, int G, int MS, class Emit>
 __device__ __forceinline__ void value_prologue(
     int b, int h, int n, int first, int count, const int* __restrict__ block_table,
@@ -389,7 +397,9 @@ __device__ __forceinline__ void value_prologue(
     const float* __restrict__ stats, const float* __restrict__ o_est,
     unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map,
     int (&s_eo)[G][D], int (&s_phys)[MS], int (&s_r)[MS][G],
-    int (&s_special)[MS], uint8_t (&s_tier)[MS * AKV_BLOCK_TOKENS], Emit&& emit) {
+    int (&s_special)[MS], uint8_t (&s_tier)[MS * AKV_BLOCK_TOKENS], Emit&& emit,
+    int split = 0, const float* __restrict__ block_max = nullptr,
+    const float* __restrict__ block_sum = nullptr, float* __restrict__ split_stats = nullptr) {
   constexpr int T = AKV_BLOCK_TOKENS, TPT = (MS * T + 127) / 128;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const long long qhead = ((long long)b * num_kv_heads + h) * G;
@@ -404,15 +414,47 @@ __device__ __forceinline__ void value_prologue(
 #pragma unroll
     for (int g = 0; g < G; ++g) sc[i][g] = valid ? scores_in[(qhead + g) * srow + tok] : 0.f;
   }
+  const bool local = full_mode == 2;
+  if (local) {
+    // this split's (m, l) per head from its blocks' statistics, in block order
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    mx[g] = stats[(qhead + g) * 2];
-    sum[g] = stats[(qhead + g) * 2 + 1];
-  }
+    for (int g = 0; g < G; ++g) {
+      float bm[MS], bs[MS];
+      const long long row = (qhead + g) * blocks_per_seq + first;
 #pragma unroll
-  for (int k = 0; k < (G * D + 127) / 128; ++k) {       // a compile-time trip count
-    const int idx = tid + 128 * k, g = idx / D, d = idx % D;
-    if (idx < G * D) s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
+      for (int j = 0; j < MS; ++j) {
+        bm[j] = j < count ? block_max[row + j] : -INFINITY;
+        bs[j] = j < count ? block_sum[row + j] : 0.f;
+      }
+      float m = -INFINITY, l = 0.f;
+#pragma unroll
+      for (int j = 0; j < MS; ++j) {
+        if (bm[j] == -INFINITY) continue;
+        if (bm[j] > m) {
+          l = l * expf(m - bm[j]) + bs[j];     // m = -inf at first: 0 * 0
+          m = bm[j];
+        } else {
+          l += bs[j] * expf(bm[j] - m);
+        }
+      }
+      mx[g] = m;
+      sum[g] = l;
+      if (tid == g) {
+        split_stats[((qhead + g) * blocks_per_seq + split) * 2] = m;
+        split_stats[((qhead + g) * blocks_per_seq + split) * 2 + 1] = l;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      mx[g] = stats[(qhead + g) * 2];
+      sum[g] = stats[(qhead + g) * 2 + 1];
+    }
+#pragma unroll
+    for (int k = 0; k < (G * D + 127) / 128; ++k) {     // a compile-time trip count
+      const int idx = tid + 128 * k, g = idx / D, d = idx % D;
+      if (idx < G * D) s_eo[g][d] = akv_unbiased_exp32(o_est[(qhead + g) * D + d]);
+    }
   }
   if (tid < count) s_phys[tid] = block_table[(long long)b * blocks_per_seq + first + tid];
   __syncthreads();
@@ -451,7 +493,7 @@ __device__ __forceinline__ void value_prologue(
     for (int g = 0; g < G; ++g) {
       int r = 0x7fffffff;
 #pragma unroll
-      for (int k = 0; k < DS; ++k) r = min(r, s_eo[g][d0 + k] - ev[k]);
+      for (int k = 0; k < DS; ++k) r = min(r, local ? 0 : s_eo[g][d0 + k] - ev[k]);
 #pragma unroll
       for (int o = 8; o > 0; o >>= 1) r = min(r, __shfl_xor_sync(0xffffffffu, r, o));
       if ((tid & 15) == 0 && j < count) s_r[j][g] = r + 15 + bias;
@@ -517,7 +559,9 @@ __device__ __forceinline__ void values(
     int full_mode, int t8, int t12, int skip, int bias, int split_blocks,
     const float* __restrict__ scores_in, const float* __restrict__ stats,
     const float* __restrict__ o_est, float* __restrict__ partial,
-    unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map) {
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map,
+    const float* __restrict__ block_max, const float* __restrict__ block_sum,
+    float* __restrict__ split_stats) {
   constexpr int T = AKV_BLOCK_TOKENS, SLICES = D / 16, TPW = 32 / SLICES;
   constexpr int ROUNDS = T / (4 * TPW), N = 16 * G;
   constexpr int STEPS = TPW == 4 ? 2 : 3;
@@ -552,7 +596,7 @@ __device__ __forceinline__ void values(
       s_r, s_special, s_tier, [&](int t, int, bool, const float* p) {
 #pragma unroll
         for (int g = 0; g < G; ++g) s_p[g][t] = p[g];
-      });
+      }, split, block_max, block_sum, split_stats);
 
   const int cs = lane % SLICES, tw = lane / SLICES;
   auto load = [&](Planes<ROUNDS>& p, int j) {
@@ -695,10 +739,11 @@ __device__ __forceinline__ void values(
       const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
       int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
       const float* scores, const float* stats, const float* o_est, float* partial,           \
-      unsigned long long* counters, uint8_t* v_tier_map) {                                   \
+      unsigned long long* counters, uint8_t* v_tier_map, const float* block_max,             \
+      const float* block_sum, float* split_stats) {                                          \
     FN(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp, num_kv_heads,         \
        full_mode, t8, t12, skip, bias, split_blocks, scores, stats, o_est, partial, counters, \
-       v_tier_map);                                                                          \
+       v_tier_map, block_max, block_sum, split_stats);                                       \
   }
 
 // Minimum CTAs per SM of version 3's register-path scores kernel (akv3::scores without

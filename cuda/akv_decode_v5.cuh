@@ -129,7 +129,9 @@ __device__ __forceinline__ void values(
     int full_mode, int t8, int t12, int skip, int bias, int split_blocks,
     const float* __restrict__ scores_in, const float* __restrict__ stats,
     const float* __restrict__ o_est, float* __restrict__ partial,
-    unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map) {
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map,
+    const float* __restrict__ block_max, const float* __restrict__ block_sum,
+    float* __restrict__ split_stats) {
   // WS warps share a block's channels: warp w takes channels (w % WS) * D/WS .. and tokens
   // (w / WS) * 16*WS .. of each block, in WS k-steps of 16 (fewer accumulators per lane)
   constexpr int T = AKV_BLOCK_TOKENS, DW = D / WS, CH = DW / 8, MT = CH / 2, NWT = 4 / WS;
@@ -176,7 +178,7 @@ __device__ __forceinline__ void values(
         }
 #pragma unroll
         for (int c = 2 * G; c < NCOL; ++c) s_ph[c][t] = __ushort_as_half(0);
-      });
+      }, split, block_max, block_sum, split_stats);
 
   const int g8 = lane >> 2, tq = lane & 3;
   const int tok0 = (warp / WS) * 16 * WS + 4 * tq;       // the lane's first row of a block

@@ -320,3 +320,72 @@ def test_block_table_is_copied_and_read_only(rng):
     cache.append(0, K, V)
     for b in range(2):
         assert np.array_equal(cache.read(0, b)[0].view(np.uint16), K[b].view(np.uint16))
+
+
+@pytest.mark.parametrize("bad", ["sometimes", "AUTO", None, 1, True])
+def test_v_rule_must_be_a_known_policy(rng, bad):
+    with pytest.raises(ValueError, match="v_rule: expected one of"):
+        AlignedKVCache(1, 2, 64, 128, backend="numpy", v_rule=bad)
+    cache = AlignedKVCache(1, 2, 64, 128, backend="numpy")
+    assert cache.v_rule == "auto"                            # the default
+    with pytest.raises(ValueError, match="v_rule: expected one of"):
+        cache.v_rule = bad
+    assert cache.v_rule == "auto"                            # unchanged by the refusal
+    with pytest.raises(ValueError, match="v_rule: expected one of"):
+        R.v_rule_applies(bad, 1, 1, 64, 64)
+
+
+def test_v_rule_auto_threshold_is_the_whole_v_bytes():
+    """``auto`` applies the V rule above V_RULE_MIN_BYTES of V read whole (batch x KV heads
+    x the longest sequence's whole blocks x head_dim x 2 bytes), not at or below it."""
+    limit = R.V_RULE_MIN_BYTES
+    assert limit == 64 << 20
+    # Llama-3-8B shapes: 8 KV heads x 128 channels; 8 x 4096 tokens is exactly 64 MiB
+    assert not R.v_rule_applies("auto", 8, 8, 128, 4096)
+    assert R.v_rule_applies("auto", 8, 8, 128, 4097)         # a 65th block: above
+    assert R.v_rule_applies("auto", 32, 8, 128, 4096)
+    assert not R.v_rule_applies("auto", 1, 32, 128, 4096)    # Llama-2-7B 1 x 4k: 32 MiB
+    assert R.v_rule_applies("auto", 1, 32, 128, 16384)       # 128 MiB
+    assert R.v_rule_applies("always", 1, 1, 64, 1)
+    assert not R.v_rule_applies("never", 64, 8, 128, 1 << 20)
+
+
+def test_v_whole_call_reads_v_whole_and_skips_the_estimate(rng):
+    """An aligned call left out of the V rule (``auto`` at this size, or ``never``): K at the
+    rule's tiers, every V token at 16 bits, no estimate rows counted; the output equals the
+    reference's ``v_whole`` twin bit for bit and is no further from float64 attention than
+    the V rule's. ``always`` on the same cache runs the V rule (lower V tiers)."""
+    B, Hk, Hq, D, n = 2, 2, 6, 64, 300
+    cache = AlignedKVCache(1, Hk, D, n, num_query_heads=Hq, batch_size=B, backend="numpy",
+                           rule="tuned")
+    K, V = kv(rng, B, Hk, n, D)
+    K[..., 7] *= np.float16(40)
+    cache.append(0, K, V)
+    q = (rng.standard_normal((B, Hq, D)) * 2).astype(np.float16)
+    assert not cache.v_rule_applies(0)
+    runs = {}
+    for policy in ("auto", "never", "always"):
+        cache.v_rule = policy
+        cache.reset_counters()
+        out, dbg = cache.attend(0, q, count=True, debug=True)
+        runs[policy] = (out, cache.counters(), dbg)
+    auto, never, always = runs["auto"], runs["never"], runs["always"]
+    assert np.array_equal(auto[0].view(np.uint16), never[0].view(np.uint16))
+    assert auto[1] == never[1]
+    assert all((t == 16).all() for t in auto[2]["v_tiers"])
+    assert any((t < 16).any() for t in auto[2]["k_tiers"])
+    assert any((t < 16).any() for t in always[2]["v_tiers"])
+    assert auto[1]["bits_per_value"]["v"] == 16.0 > always[1]["bits_per_value"]["v"]
+    nblk = -(-n // 64)
+    # metadata: the K and V exponent maxima only; the V rule adds the estimate's hi rows
+    assert auto[1]["metadata_bytes"] == B * 2 * D * nblk * Hk
+    assert always[1]["metadata_bytes"] == B * (2 * D * nblk * Hk + D * Hq * min(32, nblk))
+    planes = cache._backend.layer_planes(0)
+    twin = R.decode_attention(planes, q, cache.block_table, cache.lengths(0), "aligned",
+                              cache.rule, v_whole=True)
+    assert np.array_equal(twin.output.view(np.uint16), auto[0].view(np.uint16))
+    for b in range(B):
+        exact = R.float64_attention(q[b], K[b], V[b])
+        # the V-whole output is at least as close to float64 as the V rule's (V exact)
+        assert R.relative_error(auto[0][b], exact) <= 1.05 * R.relative_error(always[0][b],
+                                                                             exact) + 1e-4

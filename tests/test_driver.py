@@ -121,14 +121,19 @@ def test_signatures_parse_every_entry_point():
             "akv_decode_estimate", "akv_decode_values_d64", "akv_decode_values_d128",
             "akv_decode_combine"} <= set(sigs)
     assert sigs["akv_decode_estimate_short"] == sigs["akv_decode_estimate"]
+    # the V-whole path's combine: akv_decode_combine's parameters and split_stats
+    combine = sigs["akv_decode_combine"]
+    assert sigs["akv_decode_combine_rescale"] == combine[:-1] + ["ptr"] + combine[-1:]
     for D in (64, 128):
         for G in range(1, 9):     # versions 2, 3: one instantiation per head size and group
             assert sigs[f"akv_decode_scores_v2_d{D}_g{G}"] == sigs[f"akv_decode_scores_d{D}"]
             assert sigs[f"akv_decode_values_v2_d{D}_g{G}"] == sigs[f"akv_decode_values_d{D}"]
             v1s, v1v = sigs[f"akv_decode_scores_d{D}"], sigs[f"akv_decode_values_d{D}"]
-            # version 3 adds split_blocks (int) after the thresholds / the bias
+            # version 3 adds split_blocks (int) after the thresholds / the bias, and its
+            # values kernel the V-whole path's block statistics and split_stats at the end
             assert sigs[f"akv_decode_scores_v3_d{D}_g{G}"] == v1s[:16] + ["i32"] + v1s[16:]
-            assert sigs[f"akv_decode_values_v3_d{D}_g{G}"] == v1v[:13] + ["i32"] + v1v[13:]
+            assert (sigs[f"akv_decode_values_v3_d{D}_g{G}"] ==
+                    v1v[:13] + ["i32"] + v1v[13:] + ["ptr"] * 3)
             if G <= 4:            # version 4 (staged): same parameters as version 3
                 assert sigs[f"akv_decode_scores_v4_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
                 assert sigs[f"akv_decode_values_v4_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
@@ -270,8 +275,22 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert fake.launches[-1]["args"][-1] == 0x60000
     assert fake.launches[-4]["grid"] == (-(-200 // BLOCK_TOKENS), Hk, B)
     backend.attend(1, q, out, "full", cache.rule, 0, True, False)
-    assert fake.launches[-4]["args"][13] == 1
-    assert fake.launches[-4]["args"][-2] == backend.ws["counters"].ptr
+    # full mode: the V-whole path's three launches, no estimate (docs/design.md)
+    scores, values, combine = fake.launches[-3:]
+    assert [x["name"] for x in (scores, values, combine)] == [
+        "akv_decode_scores_v4_d64_g3", "akv_decode_values_v4_d64_g3",
+        "akv_decode_combine_rescale"]
+    assert scores["args"][13] == 1 and scores["args"][-2] == backend.ws["counters"].ptr
+    assert values["args"][9] == 2                   # full_mode 2: per-split statistics
+    assert values["args"][-3:] == [backend.ws[n].ptr for n in
+                                   ("block_max", "block_sum", "split_stats")]
+    assert combine["args"][-2:] == [backend.ws["split_stats"].ptr, out.ptr]
+    # an aligned call left out of the V rule (v_whole) takes the same path with K tiers
+    backend.attend(1, q, out, "aligned", cache.rule, 0, True, False, True)
+    assert [x["name"] for x in fake.launches[-3:]] == [
+        "akv_decode_scores_v4_d64_g3", "akv_decode_values_v4_d64_g3",
+        "akv_decode_combine_rescale"]
+    assert fake.launches[-3]["args"][13] == 0 and fake.launches[-2]["args"][9] == 2
     backend.set_decode_version(1)
     backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
     assert [x["name"] for x in fake.launches[-4:]] == [
@@ -373,10 +392,14 @@ def test_fused_kernel_launch(fake):
     backend.attend(0, q, out, "aligned", cache.rule, 0x77, False, False)
     assert driver._LAUNCH_CONFIGS == configs and len(configs) == 4
     backend.fused_cluster = 8               # forced: 64 blocks in 8 CTAs of 8
-    backend.attend(0, q, out, "full", cache.rule, 0, True, False)
+    backend.attend(0, q, out, "aligned", cache.rule, 0, True, False)
     assert fake.launches[-1]["grid"] == (8, Hk, B) and fake.launches[-1]["args"][24] == 8
-    assert fake.launches[-1]["args"][16] == 1 and fake.launches[-1]["args"][26] == \
+    assert fake.launches[-1]["args"][16] == 0 and fake.launches[-1]["args"][26] == \
         backend.ws["counters"].ptr
+    # V read whole (full mode, or v_whole) never takes the fused kernel: three launches
+    for mode, whole in (("full", False), ("aligned", True)):
+        backend.attend(0, q, out, mode, cache.rule, 0, True, False, whole)
+        assert fake.launches[-1]["name"] == "akv_decode_combine_rescale"
     backend.fused_cluster = None
     cache._lengths[0] = 64 * BLOCK_TOKENS + 1                       # 65 blocks: four launches
     fake.launches.clear()

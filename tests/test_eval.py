@@ -92,7 +92,8 @@ def test_aligned_kv_is_what_decode_attention_read(rng, rule):
     V = random_fp16(rng, (Hk, n, D))
     K[:, :, 7] *= np.float16(40)                     # an outlier channel: lower tiers elsewhere
     q = random_fp16(rng, (Hq, D), 2.0)
-    cache = AlignedKVCache(1, Hk, D, n, num_query_heads=Hq, backend="numpy")
+    cache = AlignedKVCache(1, Hk, D, n, num_query_heads=Hq, backend="numpy",
+                           v_rule="always")
     cache.append(0, K[None], V[None])
     out, dbg = cache.attend(0, q[None], debug=True, rule=rule)
     kt, vt = dbg["k_tiers"][0], dbg["v_tiers"][0]

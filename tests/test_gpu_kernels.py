@@ -31,16 +31,18 @@ def kv_like(rng, B, Hk, S, D, outliers=True):
     return K, V.astype(np.float16)
 
 
-def make_pair(rng, L, Hk, Hq, D, B, max_len, paged=False, fused=False):
+def make_pair(rng, L, Hk, Hq, D, B, max_len, paged=False, fused=False, v_rule="always"):
     """A CUDA cache and a numpy cache of the same shape. ``fused``: the CUDA backend's choice
     of the one-launch fused kernel (False: the four launches of the decode version under
-    test, which most tests here exercise; "always": the fused kernel wherever it serves)."""
+    test, which most tests here exercise; "always": the fused kernel wherever it serves).
+    ``v_rule``: "always" (default) so that aligned calls of these small sizes run the V rule
+    they test; the V-whole path has its own tests (test_decode_v_whole_*)."""
     bps = -(-max_len // BLOCK_TOKENS)
     table = None
     if paged:
         table = rng.permutation(B * bps + 3)[:B * bps].reshape(B, bps).astype(np.int32)
     kw = dict(num_query_heads=Hq, batch_size=B, block_table=table,
-              num_blocks=(B * bps + 3) if paged else None)
+              num_blocks=(B * bps + 3) if paged else None, v_rule=v_rule)
     gpu = AlignedKVCache(L, Hk, D, max_len, backend="cuda", **kw)
     cpu = AlignedKVCache(L, Hk, D, max_len, backend="numpy", **kw)
     if fused and gpu._backend.k_fused is None:
@@ -264,6 +266,66 @@ def check_aligned_call(rng, gpu, cpu, D, Hk, Hq, B, n, rule):
     # per value in all (16.14 at G = 7, 500 tokens)
     assert sum(got[k] for k in names[:3]) <= 2 * B * nblk * BLOCK_TOKENS * D * Hk
     assert sum(got[k] for k in names[3:6]) <= 2 * got["values"]
+
+
+@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1500, False),
+                                                (64, 3, 9, 2, 2100, True),
+                                                (128, 8, 32, 1, 700, False),
+                                                (64, 1, 8, 1, 700, False)])
+@pytest.mark.parametrize("split", [None, 3, (13, 5)], ids=["auto", "split3", "split13_5"])
+def test_decode_v_whole_matches_reference(rng, D, Hk, Hq, B, n, paged, split):
+    """The V-whole path (v_rule "never", and "auto" at these sizes: K at its tiers, V at 16
+    bits, no estimate; each values split normalised by its own statistics, merged by
+    akv_decode_combine_rescale): K tiers equal to the reference's, every V tier 16,
+    counters equal to the reference's (no estimate rows), outputs within fp32 rounding of
+    the reference's and of float64 attention over the K the tiers read; a second call into
+    a NaN-filled buffer shows nothing of the first."""
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, v_rule="never")
+    gpu._backend.forced_split = split
+    K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
+    q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D)))
+         ).astype(np.float16)
+    for policy in ("never", "auto"):
+        gpu.v_rule = cpu.v_rule = policy
+        assert not gpu.v_rule_applies(0)
+        gpu.reset_counters()
+        cpu.reset_counters()
+        o, info = gpu.attend(0, torch.from_numpy(q).cuda(), count=True, debug=True)
+        o = o.cpu().numpy()
+        o_ref, ref = cpu.attend(0, q, count=True, debug=True)
+        assert gpu.counters() == cpu.counters()
+        assert gpu.counters()["bits_per_value"]["v"] == 16.0  # V whole
+        for b in range(B):
+            assert np.array_equal(info["k_tiers"][b], ref["k_tiers"][b])
+            assert (info["v_tiers"][b] == 16).all()
+            assert R.relative_error(o[b], o_ref[b]) < 1e-3
+        assert any((kt < 16).any() for kt in ref["k_tiers"])  # K was read at lower tiers
+    out = torch.full((B, Hq, D), float("nan"), dtype=torch.float16, device="cuda")
+    q2 = rng.standard_normal((B, Hq, D)).astype(np.float16)
+    gpu.attend(0, torch.from_numpy(q2).cuda(), out=out)
+    assert R.relative_error(out.cpu().numpy(), cpu.attend(0, q2)) < 1e-3
+
+
+@pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8)])
+def test_decode_v_whole_follows_fp16_inf_and_nan(rng, D, Hk, Hq):
+    """Inf and NaN in V on the V-whole path: a token of +Inf in a channel makes that
+    channel's output +Inf (positive weights, however small), NaN stays NaN, as in fp16
+    attention; K/V elsewhere finite."""
+    B, n = 1, 300
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, v_rule="never")
+    K, V = kv_like(rng, B, Hk, n, D)
+    V[0, 0, 17, 3] = np.inf
+    V[0, Hk - 1, 250, 5] = np.nan
+    append_both(gpu, cpu, 0, K, V)
+    q = rng.standard_normal((B, Hq, D)).astype(np.float16)
+    o = gpu.attend(0, torch.from_numpy(q).cuda()).cpu().numpy()
+    o_ref = cpu.attend(0, q)
+    G = Hq // Hk
+    assert np.isposinf(o[0, :G, 3]).all() and np.isposinf(o_ref[0, :G, 3]).all()
+    assert np.isnan(o[0, -G:, 5]).all() and np.isnan(o_ref[0, -G:, 5]).all()
+    finite = np.isfinite(o_ref)
+    assert np.array_equal(np.isfinite(o), finite)
+    assert R.relative_error(np.where(finite, o, 0), np.where(finite, o_ref, 0)) < 1e-3
 
 
 @pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8), (128, 4, 4)])
