@@ -184,12 +184,12 @@ V_RULE_POLICIES = ("auto", "always", "never")
 #: ``v_rule="auto"``: the V rule runs on a call only when its V cache, read whole (batch x KV
 #: heads x the longest sequence's blocks x 64 tokens x head_dim x 2 bytes), is more than
 #: this. Below it the V rule's estimate phase (~6 us at 4k tokens) costs more time than its
-#: fewer V bytes save. Measured on the H200 (docs/perf-notes.md, fourteenth session, the
-#: V-whole call against the four launches): faster at 4-64 MiB of V (Llama-3-8B 1 x 4k 17.7
-#: against 23.6 us, SmolLM2 8 x 4k 18.3 against 24.3, Llama-2-7B 1 x 4k 28.0 against 30.0,
-#: Llama-3-8B 8 x 4k at 64 MiB 56.4 against 57.2), slower from 128 MiB (Llama-2-7B 1 x 16k
-#: 74.2 against 68.3 us, every 256 MiB shape).
-V_RULE_MIN_BYTES = 64 << 20
+#: fewer V bytes save. Measured on the H200 (docs/perf-notes.md, fourteenth session; the
+#: V-whole path against the four launches of the V rule, us): faster up to 48 MiB of V
+#: (Llama-3-8B 1 x 4k, 8 MiB: 20.2 against 24.0; SmolLM2 8 x 4k, 12 MiB: 20.1 against 24.2;
+#: Llama-2-7B 1 x 4k, 32 MiB: 28.4 against 30.6; SmolLM2 32 x 4k, 48 MiB: 44.2 against
+#: 45.5), slower from 64 MiB (Llama-3-8B 8 x 4k: 60.4 against 58.4).
+V_RULE_MIN_BYTES = 48 << 20
 
 
 def v_rule_applies(policy: str, batch: int, num_kv_heads: int, head_dim: int,

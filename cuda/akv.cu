@@ -884,62 +884,99 @@ akv_decode_combine(const int* __restrict__ lengths, int blocks_per_seq, int num_
 // akv_decode_combine_rescale: the combine of the V-whole path (docs/design.md), where each
 // split's partial is normalised by that split's own softmax statistics (m_j, l_j) in
 // split_stats[(b, hq, j), 2] (the values kernels with full_mode 2) and no estimate phase ran.
-// out = fp16(sum_j w_j partial_j / sum_j w_j), w_j = l_j * exp(m_j - M), M = max_j m_j (a
-// split whose m_j is -inf has no finite score and weighs 0), the flash-decoding merge. Grid
-// (Hq, B); block C * D threads as akv_decode_combine, and the same fixed order whatever C
-// is: running sums j mod 4 of w_j partial_j and of w_j, then (a0 + a1) + (a2 + a3). M first,
-// by all threads over the splits (max is exact, so its order does not matter).
+// out = fp16(sum_j w_j partial_j / sum_j w_j) with w_j = l_j exp(m_j - M), M = max_j m_j:
+// the flash-decoding merge. Four running states (m_c, l_c, a_c), split j into state j mod 4
+// in order of j with the online rescaling (a split whose m_j is -inf has no finite score
+// and is left out), so every load is issued before any statistic is known; then the four
+// merge as (0 + 1) + (2 + 3) after rescaling to their common maximum. Grid (Hq, B); block
+// C * D threads as akv_decode_combine (C = 4: thread (c, d) keeps state c; C = 1: thread d
+// keeps all four), the same bits either way.
+struct AkvMergeState {
+  float m = -INFINITY, l = 0.f, a = 0.f;
+  __device__ __forceinline__ void add(float mj, float lj, float pj) {
+    if (mj == -INFINITY) return;
+    if (mj > m) {
+      const float s = expf(m - mj);       // m = -inf at first: 0 * 0
+      a = a * s + lj * pj;
+      l = l * s + lj;
+      m = mj;
+    } else {
+      const float w = lj * expf(mj - m);
+      a += w * pj;
+      l += w;
+    }
+  }
+};
+
+__device__ __forceinline__ float akv_merge_four(const float (&m)[4], const float (&l)[4],
+                                                const float (&a)[4]) {
+  const float mm = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
+  float f[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) f[c] = m[c] == -INFINITY ? 0.f : expf(m[c] - mm);
+  const float num = (a[0] * f[0] + a[1] * f[1]) + (a[2] * f[2] + a[3] * f[3]);
+  const float den = (l[0] * f[0] + l[1] * f[1]) + (l[2] * f[2] + l[3] * f[3]);
+  return num / den;
+}
+
 extern "C" __global__ void __launch_bounds__(kCombineChains * kCombineMaxHeadDim)
 akv_decode_combine_rescale(const int* __restrict__ lengths, int blocks_per_seq, int num_q_heads,
                            int head_dim, int split_blocks, const float* __restrict__ partial,
                            const float* __restrict__ split_stats, __half* __restrict__ out) {
-  __shared__ float s_chain[kCombineChains - 1][kCombineMaxHeadDim];
-  __shared__ float s_lchain[kCombineChains - 1];
-  __shared__ float s_max[kCombineChains * kCombineMaxHeadDim / 32];
+  __shared__ float s_state[3][kCombineChains - 1][kCombineMaxHeadDim];
   const int hq = blockIdx.x, b = blockIdx.y, D = head_dim;
   const int d = threadIdx.x % D, c = threadIdx.x / D;
   const int nsplit = ((lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS + split_blocks - 1) /
                      split_blocks;
   const long long head = (long long)b * num_q_heads + hq;
   const float* p = partial + head * blocks_per_seq * D + d;
-  const float* st = split_stats + head * blocks_per_seq * 2;
-  float mm = -INFINITY;
-  for (int j = threadIdx.x; j < nsplit; j += blockDim.x) mm = fmaxf(mm, st[2 * j]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-  if ((threadIdx.x & 31) == 0) s_max[threadIdx.x >> 5] = mm;
-  __syncthreads();
-  mm = s_max[0];
-  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) mm = fmaxf(mm, s_max[w]);
+  const float2* st = reinterpret_cast<const float2*>(split_stats + head * blocks_per_seq * 2);
   const long long row = head * D + d;
-  auto weight = [&](int j) {
-    const float m = st[2 * j];
-    return m == -INFINITY ? 0.f : st[2 * j + 1] * expf(m - mm);
-  };
-  if (blockDim.x == D) {               // C = 1
-    float a[kCombineChains] = {0.f, 0.f, 0.f, 0.f}, l[kCombineChains] = {0.f, 0.f, 0.f, 0.f};
-    for (int j = 0; j < nsplit; ++j) {
-      const float w = weight(j);
-      a[j % kCombineChains] += w * p[(long long)j * D];
-      l[j % kCombineChains] += w;
+  constexpr int U = 8;                  // loads in flight per state
+  if (blockDim.x == D) {                // C = 1
+    AkvMergeState s[kCombineChains];
+    for (int j0 = 0; j0 < nsplit; j0 += U) {
+      float2 ml[U];
+      float v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = j0 + u;
+        ml[u] = j < nsplit ? st[j] : make_float2(-INFINITY, 0.f);
+        v[u] = j < nsplit ? p[(long long)j * D] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) s[(j0 + u) % kCombineChains].add(ml[u].x, ml[u].y, v[u]);
     }
-    out[row] = __float2half_rn(((a[0] + a[1]) + (a[2] + a[3])) / ((l[0] + l[1]) + (l[2] + l[3])));
+    const float m[4] = {s[0].m, s[1].m, s[2].m, s[3].m}, l[4] = {s[0].l, s[1].l, s[2].l, s[3].l},
+                a[4] = {s[0].a, s[1].a, s[2].a, s[3].a};
+    out[row] = __float2half_rn(akv_merge_four(m, l, a));
     return;
   }
-  float a = 0.f, l = 0.f;              // C = 4: thread (c, d) keeps running sum c
-  for (int j = c; j < nsplit; j += kCombineChains) {
-    const float w = weight(j);
-    a += w * p[(long long)j * D];
-    l += w;
+  AkvMergeState s;                      // C = 4: thread (c, d) keeps state c
+  for (int j0 = c; j0 < nsplit; j0 += kCombineChains * U) {
+    float2 ml[U];
+    float v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + kCombineChains * u;
+      ml[u] = j < nsplit ? st[j] : make_float2(-INFINITY, 0.f);
+      v[u] = j < nsplit ? p[(long long)j * D] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) s.add(ml[u].x, ml[u].y, v[u]);
   }
   if (c > 0) {
-    s_chain[c - 1][d] = a;
-    if (d == 0) s_lchain[c - 1] = l;
+    s_state[0][c - 1][d] = s.m;
+    s_state[1][c - 1][d] = s.l;
+    s_state[2][c - 1][d] = s.a;
   }
   __syncthreads();
-  if (c == 0)
-    out[row] = __float2half_rn(((a + s_chain[0][d]) + (s_chain[1][d] + s_chain[2][d])) /
-                               ((l + s_lchain[0]) + (s_lchain[1] + s_lchain[2])));
+  if (c == 0) {
+    const float m[4] = {s.m, s_state[0][0][d], s_state[0][1][d], s_state[0][2][d]},
+                l[4] = {s.l, s_state[1][0][d], s_state[1][1][d], s_state[1][2][d]},
+                a[4] = {s.a, s_state[2][0][d], s_state[2][1][d], s_state[2][2][d]};
+    out[row] = __float2half_rn(akv_merge_four(m, l, a));
+  }
 }
 
 // ------------------------------------------------------------------ decode, version 2
