@@ -83,6 +83,18 @@ def _bits(b) -> str:
     return f"{b['k']:.2f} / {b['v']:.2f} / {b['total']:.2f}"
 
 
+def _v_whole_note(cache) -> str:
+    """A clause for the bits note when the cache's last calls read V whole (``v_rule``
+    "auto" below the V rule's threshold, or "never"; docs/design.md)."""
+    from .reference import V_RULE_MIN_BYTES
+    if cache.v_rule_applies(0):
+        return ""
+    why = ("v_rule 'never'" if cache.v_rule == "never" else
+           f"v_rule 'auto': at most {V_RULE_MIN_BYTES >> 20} MiB of V per call, where the "
+           f"V rule's estimate phase costs more than it saves")
+    return f"; V read whole, K at the rule's tiers ({why}; docs/design.md)"
+
+
 def _new_cache(config: Config, backend: str, num_layers: int, max_seq_len: int,
                batch_size: int = 1):
     from .cache import AlignedKVCache
@@ -210,7 +222,8 @@ def run_model(config: Config, backend: str, args, model_path: Path) -> dict:
             "layers_timed": len(timing["aligned_layer"])},
         "model_load_s": load_s,
         "bits_note": (f"bits over the {steps} perplexity decode steps at context {ctx + 1}.."
-                      f"{ctx + steps}; K is read in whole {BLOCK_TOKENS}-token blocks"),
+                      f"{ctx + steps}; K is read in whole {BLOCK_TOKENS}-token blocks"
+                      + ("" if store is None else _v_whole_note(store))),
     }
     result.update(_meter_fields(meter, range(num_layers)))
     if store is not None:
@@ -278,7 +291,7 @@ def run_attention(config: Config, backend: str, args, source_kind: str) -> dict:
             "layers_timed": len(result.timing["aligned_layer"])},
         "bits_note": (f"bits over {steps} decode steps at context {context + 1}..."
                       f"{context + steps}, {len(source.layers)} of {m.num_layers} layers; "
-                      f"K is read in whole {BLOCK_TOKENS}-token blocks"),
+                      f"K is read in whole {BLOCK_TOKENS}-token blocks" + _v_whole_note(cache)),
     }
     out.update(_meter_fields(result.meter, source.layers))
     cache.close()
