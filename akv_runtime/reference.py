@@ -654,7 +654,7 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
     top-``rule.topk`` blocks (hi plane only), V read at :func:`v_tiers`, fp32 output.
     With ``v_whole`` (and always in ``full`` mode) it is the twin of the V-whole path's three
     launches (docs/design.md): no estimate (``o_est`` stays zero, its rows are not counted),
-    every V token at tier 16; the kernels normalise per split and merge the splits, which
+    every V token at tier 16, no V exponent maxima read; the kernels normalise per split and merge the splits, which
     equals this global softmax up to fp32 rounding.
 
     Parameters
@@ -951,7 +951,7 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
         counters[3] += D * int((vt_valid > 0).sum())
         counters[4] += (D // 2) * int((vt_valid >= 12).sum())
         counters[5] += (D // 2) * int((vt_valid >= 16).sum())
-        counters[6] += P * (2 * D * nb * Hk + (0 if mode == "full" else D * Hq * k_sel))
+        counters[6] += P * (D * nb * Hk + (0 if mode == "full" else D * nb * Hk + D * Hq * k_sel))
         counters[7] += D * Hk * int(lengths.sum())
         if keep_debug:
             for i in range(P):
@@ -970,7 +970,8 @@ def _token_tiers_to_blocks(vt, nblk):
 
 def _count_bytes(kt, vt, n, Hq, nblk, D, rule, estimate: bool = True):
     """Bytes read per plane, as the kernel counts them (layout.py gives bytes per tier);
-    ``estimate``: the V rule's estimate ran (its hi rows count as metadata)."""
+    ``estimate``: the V rule ran (the V exponent maxima and the estimate's hi rows count as
+    metadata; a call reading V whole reads neither)."""
     Hk = kt.shape[0]
     half_t, half_d = BLOCK_TOKENS // 2, D // 2
     c = np.zeros(len(COUNTER_NAMES), np.int64)
@@ -985,7 +986,7 @@ def _count_bytes(kt, vt, n, Hq, nblk, D, rule, estimate: bool = True):
     if rule.k_weight_margin is not None:     # two-pass K: pass 2 re-reads the hi rows of the
         c[0] += BLOCK_TOKENS * int((kt >= 12).sum())    # channels it refines
     # exponent maxima (K and V) per block and KV head, plus the estimate's hi rows
-    c[6] = 2 * D * nblk * Hk + (D * Hq * min(rule.topk, nblk) if estimate else 0)
+    c[6] = D * nblk * Hk + (D * nblk * Hk + D * Hq * min(rule.topk, nblk) if estimate else 0)
     c[7] = n * D * Hk
     return c
 

@@ -715,7 +715,8 @@ __device__ __forceinline__ void decode_values(
   // 1. reference exponent per query head
   if (tid == 0) s_special = 0;
   __syncthreads();
-  for (int g = 0; g < group; ++g) {
+  // (full mode reads V whole: no reference exponent, no exponent maxima read or counted)
+  for (int g = 0; g < (full_mode ? 0 : group); ++g) {
     int r = 0x7fffffff;
     for (int d = tid; d < D; d += kValueThreads) {
       const int ev = vexp[d];
@@ -765,7 +766,7 @@ __device__ __forceinline__ void decode_values(
       atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
       atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
       atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
-      if (warp == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)D);
+      if (warp == 0 && !full_mode) atomicAdd(&counters[AKV_METADATA], (unsigned long long)D);
     }
   }
 
@@ -884,99 +885,118 @@ akv_decode_combine(const int* __restrict__ lengths, int blocks_per_seq, int num_
 // akv_decode_combine_rescale: the combine of the V-whole path (docs/design.md), where each
 // split's partial is normalised by that split's own softmax statistics (m_j, l_j) in
 // split_stats[(b, hq, j), 2] (the values kernels with full_mode 2) and no estimate phase ran.
-// out = fp16(sum_j w_j partial_j / sum_j w_j) with w_j = l_j exp(m_j - M), M = max_j m_j:
-// the flash-decoding merge. Four running states (m_c, l_c, a_c), split j into state j mod 4
-// in order of j with the online rescaling (a split whose m_j is -inf has no finite score
-// and is left out), so every load is issued before any statistic is known; then the four
-// merge as (0 + 1) + (2 + 3) after rescaling to their common maximum. Grid (Hq, B); block
-// C * D threads as akv_decode_combine (C = 4: thread (c, d) keeps state c; C = 1: thread d
-// keeps all four), the same bits either way.
-struct AkvMergeState {
-  float m = -INFINITY, l = 0.f, a = 0.f;
-  __device__ __forceinline__ void add(float mj, float lj, float pj) {
-    if (mj == -INFINITY) return;
-    if (mj > m) {
-      const float s = expf(m - mj);       // m = -inf at first: 0 * 0
-      a = a * s + lj * pj;
-      l = l * s + lj;
-      m = mj;
-    } else {
-      const float w = lj * expf(mj - m);
-      a += w * pj;
-      l += w;
-    }
-  }
-};
-
-__device__ __forceinline__ float akv_merge_four(const float (&m)[4], const float (&l)[4],
-                                                const float (&a)[4]) {
-  const float mm = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
-  float f[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) f[c] = m[c] == -INFINITY ? 0.f : expf(m[c] - mm);
-  const float num = (a[0] * f[0] + a[1] * f[1]) + (a[2] * f[2] + a[3] * f[3]);
-  const float den = (l[0] * f[0] + l[1] * f[1]) + (l[2] * f[2] + l[3] * f[3]);
-  return num / den;
-}
-
+// out = fp16(sum_j w_j partial_j / sum_j w_j), w_j = l_j exp(m_j - M), M = max_j m_j (a split
+// whose m_j is -inf has no finite score and weighs 0): the flash-decoding merge. Grid
+// (Hq, B); block C * D threads as akv_decode_combine. M by all threads (a max: any order);
+// the weights one per thread into shared memory (kRescaleChunk splits at a time), while each
+// thread's first partials are already loaded (kRescalePrefetch of them, issued before the
+// statistics arrive); then running sums j mod 4 of w_j partial_j and of w_j in order of j,
+// (a0 + a1) + (a2 + a3) over (l0 + l1) + (l2 + l3): C = 4, thread (c, d) keeps sum c; C = 1,
+// thread d all four; the same bits either way. (A first version with an online rescaling
+// per running sum, an exponential per split in every thread, was slower: 4.0 against the
+// plain combine's 2.7 us at 64 splits, 8.3 against 4.4 at 256; docs/perf-notes.md.)
+constexpr int kRescaleChunk = 1024;
+constexpr int kRescalePrefetch = 16;
 extern "C" __global__ void __launch_bounds__(kCombineChains * kCombineMaxHeadDim)
 akv_decode_combine_rescale(const int* __restrict__ lengths, int blocks_per_seq, int num_q_heads,
                            int head_dim, int split_blocks, const float* __restrict__ partial,
                            const float* __restrict__ split_stats, __half* __restrict__ out) {
-  __shared__ float s_state[3][kCombineChains - 1][kCombineMaxHeadDim];
-  const int hq = blockIdx.x, b = blockIdx.y, D = head_dim;
-  const int d = threadIdx.x % D, c = threadIdx.x / D;
+  __shared__ float s_w[kRescaleChunk];
+  __shared__ float s_max[kCombineChains * kCombineMaxHeadDim / 32];
+  __shared__ float s_chain[2][kCombineChains - 1][kCombineMaxHeadDim];
+  const int hq = blockIdx.x, b = blockIdx.y, D = head_dim, tid = threadIdx.x;
+  const int d = tid % D, c = tid / D, nthreads = blockDim.x;
+  const bool one = nthreads == D;       // C = 1: this thread keeps all four sums
+  const int stride = one ? 1 : kCombineChains;
   const int nsplit = ((lengths[b] + AKV_BLOCK_TOKENS - 1) / AKV_BLOCK_TOKENS + split_blocks - 1) /
                      split_blocks;
   const long long head = (long long)b * num_q_heads + hq;
   const float* p = partial + head * blocks_per_seq * D + d;
   const float2* st = reinterpret_cast<const float2*>(split_stats + head * blocks_per_seq * 2);
-  const long long row = head * D + d;
-  constexpr int U = 8;                  // loads in flight per state
-  if (blockDim.x == D) {                // C = 1
-    AkvMergeState s[kCombineChains];
-    for (int j0 = 0; j0 < nsplit; j0 += U) {
-      float2 ml[U];
-      float v[U];
+  // this thread's first partials: splits c, c + stride, ... (independent of the statistics)
+  float v[kRescalePrefetch];
+  const int first = one ? 0 : c;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = j0 + u;
-        ml[u] = j < nsplit ? st[j] : make_float2(-INFINITY, 0.f);
-        v[u] = j < nsplit ? p[(long long)j * D] : 0.f;
+  for (int u = 0; u < kRescalePrefetch; ++u) {
+    const int j = first + stride * u;
+    v[u] = j < nsplit ? p[(long long)j * D] : 0.f;
+  }
+  float mm = -INFINITY;
+  for (int j = tid; j < nsplit; j += nthreads) mm = fmaxf(mm, st[j].x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+  if ((tid & 31) == 0) s_max[tid >> 5] = mm;
+  __syncthreads();
+  mm = s_max[0];
+  for (int w = 1; w < (nthreads >> 5); ++w) mm = fmaxf(mm, s_max[w]);
+  float a[kCombineChains] = {0.f, 0.f, 0.f, 0.f}, l[kCombineChains] = {0.f, 0.f, 0.f, 0.f};
+  for (int j0 = 0; j0 < nsplit; j0 += kRescaleChunk) {
+    const int n = min(kRescaleChunk, nsplit - j0);
+    if (j0 > 0) __syncthreads();        // the previous chunk's weights are read
+    for (int i = tid; i < n; i += nthreads) {
+      const float2 ml = st[j0 + i];
+      s_w[i] = ml.x == -INFINITY ? 0.f : ml.y * expf(ml.x - mm);
+    }
+    __syncthreads();
+    // this thread's splits of the chunk in order of j, into sum j mod 4 (a chunk starts at a
+    // multiple of 4); the prefetched ones from registers (all in the first chunk)
+    int i = first;
+    if (one) {
+      if (j0 == 0) {
+#pragma unroll
+        for (int u = 0; u < kRescalePrefetch; ++u)
+          if (u < n) {
+            a[u % 4] += s_w[u] * v[u];
+            l[u % 4] += s_w[u];
+          }
+        i = kRescalePrefetch;
+      }
+      for (; i + 4 <= n; i += 4) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float w = s_w[i + k];
+          a[k] += w * p[(long long)(j0 + i + k) * D];
+          l[k] += w;
+        }
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) s[(j0 + u) % kCombineChains].add(ml[u].x, ml[u].y, v[u]);
+      for (int k = 0; k < 3; ++k)
+        if (i + k < n) {
+          a[k] += s_w[i + k] * p[(long long)(j0 + i + k) * D];
+          l[k] += s_w[i + k];
+        }
+    } else {
+      if (j0 == 0) {
+#pragma unroll
+        for (int u = 0; u < kRescalePrefetch; ++u) {
+          const int ii = first + kCombineChains * u;
+          if (ii < n) {
+            a[0] += s_w[ii] * v[u];
+            l[0] += s_w[ii];
+          }
+        }
+        i = first + kCombineChains * kRescalePrefetch;
+      }
+      for (; i < n; i += kCombineChains) {
+        const float w = s_w[i];
+        a[0] += w * p[(long long)(j0 + i) * D];
+        l[0] += w;
+      }
     }
-    const float m[4] = {s[0].m, s[1].m, s[2].m, s[3].m}, l[4] = {s[0].l, s[1].l, s[2].l, s[3].l},
-                a[4] = {s[0].a, s[1].a, s[2].a, s[3].a};
-    out[row] = __float2half_rn(akv_merge_four(m, l, a));
+  }
+  const long long row = head * D + d;
+  if (one) {
+    out[row] = __float2half_rn(((a[0] + a[1]) + (a[2] + a[3])) / ((l[0] + l[1]) + (l[2] + l[3])));
     return;
   }
-  AkvMergeState s;                      // C = 4: thread (c, d) keeps state c
-  for (int j0 = c; j0 < nsplit; j0 += kCombineChains * U) {
-    float2 ml[U];
-    float v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = j0 + kCombineChains * u;
-      ml[u] = j < nsplit ? st[j] : make_float2(-INFINITY, 0.f);
-      v[u] = j < nsplit ? p[(long long)j * D] : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) s.add(ml[u].x, ml[u].y, v[u]);
-  }
   if (c > 0) {
-    s_state[0][c - 1][d] = s.m;
-    s_state[1][c - 1][d] = s.l;
-    s_state[2][c - 1][d] = s.a;
+    s_chain[0][c - 1][d] = a[0];
+    s_chain[1][c - 1][d] = l[0];
   }
   __syncthreads();
-  if (c == 0) {
-    const float m[4] = {s.m, s_state[0][0][d], s_state[0][1][d], s_state[0][2][d]},
-                l[4] = {s.l, s_state[1][0][d], s_state[1][1][d], s_state[1][2][d]},
-                a[4] = {s.a, s_state[2][0][d], s_state[2][1][d], s_state[2][2][d]};
-    out[row] = __float2half_rn(akv_merge_four(m, l, a));
-  }
+  if (c == 0)
+    out[row] = __float2half_rn(((a[0] + s_chain[0][0][d]) + (s_chain[0][1][d] + s_chain[0][2][d])) /
+                               ((l[0] + s_chain[1][0][d]) + (s_chain[1][1][d] + s_chain[1][2][d])));
 }
 
 // ------------------------------------------------------------------ decode, version 2

@@ -240,10 +240,11 @@ __device__ __forceinline__ void values(
 
   if (tid == 0) s_special = 0;
   __syncthreads();
+  // (full mode reads V whole: no reference exponent, no exponent maxima read or counted)
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     int r = 0x7fffffff;
-    for (int d = tid; d < D; d += 128) {
+    for (int d = tid; d < (full_mode ? 0 : D); d += 128) {
       const int ev = vexp[d];
       if (g == 0 && ev == AKV_SPECIAL_EXPONENT) s_special = 1;
       const float oe = o_est[((long long)b * num_q_heads + h * G + g) * D + d];
@@ -286,7 +287,7 @@ __device__ __forceinline__ void values(
       atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
       atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
       atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
-      if (warp == 0) atomicAdd(&counters[AKV_METADATA], (unsigned long long)D);
+      if (warp == 0 && !full_mode) atomicAdd(&counters[AKV_METADATA], (unsigned long long)D);
     }
   }
 

@@ -387,8 +387,8 @@ __device__ __forceinline__ void scores(
 // are this split's own (its blocks' maxima and sums from the scores kernel, merged in block
 // order with the estimate kernel's online expressions), p = exp(s - m_split) / l_split, and
 // (m_split, l_split) of each head go to split_stats[(qhead + g) * blocks_per_seq + split]
-// for akv_decode_combine_rescale. The V exponent maxima are still read (for `special`, the
-// Inf/NaN blocks) and counted.
+// for akv_decode_combine_rescale. With V read whole (full_mode 1 or 2) no V exponent maxima
+// are read or counted; every block counts as `special` (round 2).
 template <int D, int G, int MS, class Emit>
 __device__ __forceinline__ void value_prologue(
     int b, int h, int n, int first, int count, const int* __restrict__ block_table,
@@ -470,7 +470,7 @@ __device__ __forceinline__ void value_prologue(
     uint32_t w[DS / 4];
 #pragma unroll
     for (int k = 0; k < DS / 4; ++k) w[k] = 0x01010101u;
-    if (j < count) {
+    if (j < count && !full_mode) {
       const uint8_t* src = v_exp + ((long long)s_phys[j] * num_kv_heads + h) * D + d0;
       if constexpr (DS == 8) {
         const uint2 x = *reinterpret_cast<const uint2*>(src);
@@ -498,7 +498,11 @@ __device__ __forceinline__ void value_prologue(
       for (int o = 8; o > 0; o >>= 1) r = min(r, __shfl_xor_sync(0xffffffffu, r, o));
       if ((tid & 15) == 0 && j < count) s_r[j][g] = r + 15 + bias;
     }
-    if ((tid & 15) == 0 && j < count) s_special[j] = special;
+    // V read whole (full_mode 1 or 2): no exponent maxima are read; every block counts as
+    // special, which only the tensor-core kernels use: a positive weight whose two fp16
+    // columns round to 0 keeps the smallest subnormal, so a +Inf in V stays +Inf (for
+    // finite V it adds at most 2^-34 of |v| per token: far below the fp16 output's rounding)
+    if ((tid & 15) == 0 && j < count) s_special[j] = full_mode ? 1 : special;
   }
   __syncthreads();
   const int skip_at = skip + akv_skip_budget(n);
@@ -546,7 +550,7 @@ __device__ __forceinline__ void value_prologue(
       atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
       atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
       atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
-      atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
+      if (!full_mode) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
     }
   }
 }

@@ -378,8 +378,9 @@ def test_v_whole_call_reads_v_whole_and_skips_the_estimate(rng):
     assert any((t < 16).any() for t in always[2]["v_tiers"])
     assert auto[1]["bits_per_value"]["v"] == 16.0 > always[1]["bits_per_value"]["v"]
     nblk = -(-n // 64)
-    # metadata: the K and V exponent maxima only; the V rule adds the estimate's hi rows
-    assert auto[1]["metadata_bytes"] == B * 2 * D * nblk * Hk
+    # metadata: the K exponent maxima only; the V rule adds the V maxima and the
+    # estimate's hi rows
+    assert auto[1]["metadata_bytes"] == B * D * nblk * Hk
     assert always[1]["metadata_bytes"] == B * (2 * D * nblk * Hk + D * Hq * min(32, nblk))
     planes = cache._backend.layer_planes(0)
     twin = R.decode_attention(planes, q, cache.block_table, cache.lengths(0), "aligned",
