@@ -310,9 +310,9 @@ def test_decode_v_whole_matches_reference(rng, D, Hk, Hq, B, n, paged, split):
 def test_rescaling_combine_same_bits_for_one_or_four_threads_per_channel(rng, monkeypatch,
                                                                          decode_version, n):
     """akv_decode_combine_rescale gives the same bits with one thread per output channel or
-    four (kernels.combine_chains), on its short path (up to 64 splits in registers) and its
-    chunked one (weights through shared memory, past 1024 splits at 70000 tokens and split
-    1), each against the reference."""
+    four (kernels.combine_chains): splits within the 16 each thread loads first, beyond
+    them, and past one chunk of 1024 weights (70000 tokens at split 1), each against the
+    reference."""
     if decode_version not in (3, 7):
         pytest.skip("the combine does not depend on the decode version (run under 3 and 7)")
     from akv_runtime import kernels
