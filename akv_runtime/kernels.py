@@ -333,6 +333,9 @@ class CudaBackend:
         self.k_scores = fn(f"akv_decode_scores_{suffix}")
         values_suffix = f"v7_d{D}_g{G}" if version == 8 else suffix
         self.k_values = fn(f"akv_decode_values_{values_suffix}")
+        # the V-whole path's values kernel (versions >= 3; docs/design.md)
+        self.k_values_whole = (fn(f"akv_decode_values_whole_{values_suffix}")
+                               if version >= 3 else None)
         self.scores_smem = self.values_smem = 0
         if version == 4:
             stage = 2 * BLOCK_TOKENS * D
@@ -341,6 +344,7 @@ class CudaBackend:
             self.values_smem = max(value_stages * stage, 4 * (D // 16) * 16 * G * 4)
             driver.set_max_dynamic_shared(self.k_scores, self.scores_smem)
             driver.set_max_dynamic_shared(self.k_values, self.values_smem)
+            driver.set_max_dynamic_shared(self.k_values_whole, self.values_smem)
         self.scores_per_sm = max(1, driver.max_active_blocks(self.k_scores, SCORE_THREADS,
                                                              self.scores_smem))
         self.values_per_sm = max(1, driver.max_active_blocks(self.k_values, VALUE_THREADS,
@@ -483,8 +487,9 @@ class CudaBackend:
         four phases (scores, estimate, values, combine), or the one fused launch where
         :meth:`_use_fused` says so (cuda/akv_fused.cu). With V read whole (``full`` mode, or
         ``v_whole``: an aligned call left out of the V rule, ``reference.v_rule_applies``)
-        versions >= 3 run the V-whole path's three launches (scores, values with each split
-        normalised by its own statistics, akv_decode_combine_rescale; docs/design.md);
+        versions >= 3 run the V-whole path's three launches (scores, akv_decode_values_whole_*
+        with each split normalised by its own statistics, akv_decode_combine_rescale;
+        docs/design.md);
         versions 1 and 2 run their four launches with V at tier 16 (the estimate only for
         the statistics, uncounted).
 
@@ -522,7 +527,7 @@ class CudaBackend:
             return [
                 ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
                                       plan.scores, stream, self.scores_smem)),
-                ("values", lambda: go(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
+                ("values", lambda: go(self.k_values_whole, (splits, Hk, B), (VALUE_THREADS,),
                                       plan.values, stream, self.values_smem)),
                 ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
                                        plan.combine, stream)),
@@ -576,7 +581,7 @@ class CudaBackend:
 
     def _plan(self, layer, mode, rule, count, k_map, v_map, fused=False, whole=False):
         """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`):
-        ``whole`` packs the V-whole path (versions >= 3: values with full_mode 2 and the
+        ``whole`` packs the V-whole path (versions >= 3: akv_decode_values_whole_* and the
         rescaling combine; 1 and 2: V at tier 16, the estimate uncounted)."""
         key = (layer, mode, rule, bool(count), k_map, v_map,
                "fused" if fused else self.decode_version, bool(whole))
@@ -621,12 +626,13 @@ class CudaBackend:
             lengths, ws["block_table"], i32(bps), p["v_hi"], i32(Hk), i32(G), i32(D),
             i32(rule.topk), ws["block_max"], ws["block_sum"], ws["block_arg"], ws["stats"],
             ws["o_est"], ptr(0) if whole else counters])
-        # versions >= 3 also take the block statistics and split_stats (the V-whole path)
+        # the V-whole path's values kernels (versions >= 3) also take the block statistics
+        # and split_stats
         value_extra = ([ws["block_max"], ws["block_sum"], ws["split_stats"]]
-                       if self.decode_version >= 3 else [])
+                       if split_path else [])
         plan.pack("values", [
             lengths, ws["block_table"], i32(bps), p["v_hi"], p["v_mid"], p["v_lo"],
-            p["v_exp_max"], i32(Hk), i32(G), i32(2) if split_path else (i32(1) if whole else full),
+            p["v_exp_max"], i32(Hk), i32(G), i32(1) if whole else full,
             i32(rule.v_thresholds[0]),
             i32(rule.v_thresholds[1]), i32(rule.v_skip_gap), i32(rule.v_bias), *extra,
             ws["scores"], ws["stats"], ws["o_est"], ws["partial"], counters, ptr(v_map),

@@ -12,7 +12,7 @@
 //   akv_decode_values_d{64,128}   V tiers per token, per-block partial outputs (normalised)
 //   akv_decode_combine            sum of the partials -> fp16 output
 // or, on the V-whole path (V at 16 bits, no V rule; docs/design.md), three: scores, values
-// with full_mode 2 (each split normalised by its own softmax statistics) and
+// akv_decode_values_whole_* (each split normalised by its own softmax statistics) and
 // akv_decode_combine_rescale (the flash-decoding merge of the splits).
 // Each has its numpy twin in akv_runtime/reference.py (decode_attention).
 #include "akv_planes.cuh"
@@ -884,7 +884,7 @@ akv_decode_combine(const int* __restrict__ lengths, int blocks_per_seq, int num_
 
 // akv_decode_combine_rescale: the combine of the V-whole path (docs/design.md), where each
 // split's partial is normalised by that split's own softmax statistics (m_j, l_j) in
-// split_stats[(b, hq, j), 2] (the values kernels with full_mode 2) and no estimate phase ran.
+// split_stats[(b, hq, j), 2] (akv_decode_values_whole_*) and no estimate phase ran.
 // out = fp16(sum_j w_j partial_j / sum_j w_j), w_j = l_j exp(m_j - M), M = max_j m_j (a split
 // whose m_j is -inf has no finite score and weighs 0): the flash-decoding merge. Grid
 // (Hq, B); block C * D threads as akv_decode_combine. M by all threads (a max: any order);

@@ -382,14 +382,15 @@ __device__ __forceinline__ void scores(
 // reduce them, with no shared copy. Adds the split's V bytes to `counters`. Ends
 // synchronised.
 //
-// full_mode 2 (the V-whole path, docs/design.md "The V-whole path"): every token at tier 16
+// WHOLE (the V-whole path's kernels, akv_decode_values_whole_*; docs/design.md "The V-whole
+// path"; a template parameter so that the V rule's kernels keep their code): every token at tier 16
 // and no estimate phase before this kernel, so no global statistics and no O_est: m and l
 // are this split's own (its blocks' maxima and sums from the scores kernel, merged in block
 // order with the estimate kernel's online expressions), p = exp(s - m_split) / l_split, and
 // (m_split, l_split) of each head go to split_stats[(qhead + g) * blocks_per_seq + split]
-// for akv_decode_combine_rescale. With V read whole (full_mode 1 or 2) no V exponent maxima
-// are read or counted; every block counts as `special` (round 2).
-template <int D, int G, int MS, class Emit>
+// for akv_decode_combine_rescale. No V exponent maxima are read or counted; every block
+// counts as `special` (round 2). full_mode is then ignored.
+template <int D, int G, int MS, bool WHOLE, class Emit>
 __device__ __forceinline__ void value_prologue(
     int b, int h, int n, int first, int count, const int* __restrict__ block_table,
     int blocks_per_seq, const uint8_t* __restrict__ v_exp, int num_kv_heads, int full_mode,
@@ -414,8 +415,7 @@ __device__ __forceinline__ void value_prologue(
 #pragma unroll
     for (int g = 0; g < G; ++g) sc[i][g] = valid ? scores_in[(qhead + g) * srow + tok] : 0.f;
   }
-  const bool local = full_mode == 2;
-  if (local) {
+  if constexpr (WHOLE) {
     // this split's (m, l) per head from its blocks' statistics, in block order
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -470,7 +470,7 @@ __device__ __forceinline__ void value_prologue(
     uint32_t w[DS / 4];
 #pragma unroll
     for (int k = 0; k < DS / 4; ++k) w[k] = 0x01010101u;
-    if (j < count && !full_mode) {
+    if (!WHOLE && j < count) {
       const uint8_t* src = v_exp + ((long long)s_phys[j] * num_kv_heads + h) * D + d0;
       if constexpr (DS == 8) {
         const uint2 x = *reinterpret_cast<const uint2*>(src);
@@ -493,16 +493,16 @@ __device__ __forceinline__ void value_prologue(
     for (int g = 0; g < G; ++g) {
       int r = 0x7fffffff;
 #pragma unroll
-      for (int k = 0; k < DS; ++k) r = min(r, local ? 0 : s_eo[g][d0 + k] - ev[k]);
+      for (int k = 0; k < DS; ++k) r = min(r, WHOLE ? 0 : s_eo[g][d0 + k] - ev[k]);
 #pragma unroll
       for (int o = 8; o > 0; o >>= 1) r = min(r, __shfl_xor_sync(0xffffffffu, r, o));
       if ((tid & 15) == 0 && j < count) s_r[j][g] = r + 15 + bias;
     }
-    // V read whole (full_mode 1 or 2): no exponent maxima are read; every block counts as
-    // special, which only the tensor-core kernels use: a positive weight whose two fp16
-    // columns round to 0 keeps the smallest subnormal, so a +Inf in V stays +Inf (for
-    // finite V it adds at most 2^-34 of |v| per token: far below the fp16 output's rounding)
-    if ((tid & 15) == 0 && j < count) s_special[j] = full_mode ? 1 : special;
+    // WHOLE: no exponent maxima are read; every block counts as special, which only the
+    // tensor-core kernels use: a positive weight whose two fp16 columns round to 0 keeps the
+    // smallest subnormal, so a +Inf in V stays +Inf (for finite V it adds at most 2^-34 of
+    // |v| per token: far below the fp16 output's rounding)
+    if ((tid & 15) == 0 && j < count) s_special[j] = WHOLE ? 1 : special;
   }
   __syncthreads();
   const int skip_at = skip + akv_skip_budget(n);
@@ -527,7 +527,7 @@ __device__ __forceinline__ void value_prologue(
     // the group's tier is the highest of its heads' tiers; the tier falls as the gap grows
     // (t8 >= t12, and every gap >= skip gives 0), so it is the tier of the smallest gap
     int tier = akv_v_tier_from_gap(gap, skip_at, t8, t12);
-    if (full_mode || special) tier = 16;
+    if (WHOLE || full_mode || special) tier = 16;
     if (!valid) tier = 0;
     s_tier[t] = tier;
     if (v_tier_map && valid)
@@ -550,12 +550,12 @@ __device__ __forceinline__ void value_prologue(
       atomicAdd(&counters[AKV_V_HI], (unsigned long long)(n8 * D));
       atomicAdd(&counters[AKV_V_MID], (unsigned long long)(n12 * D / 2));
       atomicAdd(&counters[AKV_V_LO], (unsigned long long)(n16 * D / 2));
-      if (!full_mode) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
+      if (!WHOLE) atomicAdd(&counters[AKV_METADATA], (unsigned long long)(D * count));
     }
   }
 }
 
-template <int D, int G, int STAGES>
+template <int D, int G, int STAGES, bool WHOLE = false>
 __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
@@ -564,8 +564,8 @@ __device__ __forceinline__ void values(
     const float* __restrict__ scores_in, const float* __restrict__ stats,
     const float* __restrict__ o_est, float* __restrict__ partial,
     unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map,
-    const float* __restrict__ block_max, const float* __restrict__ block_sum,
-    float* __restrict__ split_stats) {
+    const float* __restrict__ block_max = nullptr, const float* __restrict__ block_sum = nullptr,
+    float* __restrict__ split_stats = nullptr) {
   constexpr int T = AKV_BLOCK_TOKENS, SLICES = D / 16, TPW = 32 / SLICES;
   constexpr int ROUNDS = T / (4 * TPW), N = 16 * G;
   constexpr int STEPS = TPW == 4 ? 2 : 3;
@@ -594,7 +594,7 @@ __device__ __forceinline__ void values(
   const int count = min(split_blocks, nblk - first);
   const int num_q_heads = num_kv_heads * G;
   const long long qhead = (long long)b * num_q_heads + (long long)h * G;
-  value_prologue<D, G, kMaxSplit>(
+  value_prologue<D, G, kMaxSplit, WHOLE>(
       b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
       t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_phys,
       s_r, s_special, s_tier, [&](int t, int, bool, const float* p) {
@@ -743,6 +743,19 @@ __device__ __forceinline__ void values(
       const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
       int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
       const float* scores, const float* stats, const float* o_est, float* partial,           \
+      unsigned long long* counters, uint8_t* v_tier_map) {                                   \
+    FN(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp, num_kv_heads,         \
+       full_mode, t8, t12, skip, bias, split_blocks, scores, stats, o_est, partial, counters, \
+       v_tier_map);                                                                          \
+  }
+// The V-whole path's values kernels (akv_decode_values_whole_*): the same parameters and the
+// block statistics in, split_stats out.
+#define AKV_SPLIT_VALUES_WHOLE_ENTRY(NAME, FN, ...)                                          \
+  extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(                              \
+      const int* lengths, const int* block_table, int blocks_per_seq, const uint8_t* v_hi,   \
+      const uint8_t* v_mid, const uint8_t* v_lo, const uint8_t* v_exp, int num_kv_heads,     \
+      int group, int full_mode, int t8, int t12, int skip, int bias, int split_blocks,       \
+      const float* scores, const float* stats, const float* o_est, float* partial,           \
       unsigned long long* counters, uint8_t* v_tier_map, const float* block_max,             \
       const float* block_sum, float* split_stats) {                                          \
     FN(lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, v_exp, num_kv_heads,         \
@@ -776,4 +789,7 @@ __device__ __forceinline__ void values(
                          AKV3_SCORE_MINB(SCORE_STAGES, D, G))                                \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G,                               \
                          (akv3::values<D, G, VALUE_STAGES>), 128,                            \
-                         AKV3_VALUE_MINB(VALUE_STAGES, D, G))
+                         AKV3_VALUE_MINB(VALUE_STAGES, D, G))                                \
+  AKV_SPLIT_VALUES_WHOLE_ENTRY(akv_decode_values_whole_v##V##_d##D##_g##G,                   \
+                               (akv3::values<D, G, VALUE_STAGES, true>), 128,                \
+                               AKV3_VALUE_MINB(VALUE_STAGES, D, G))

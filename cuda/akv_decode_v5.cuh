@@ -121,7 +121,7 @@ struct Row<64> {            // 8 channels: 8 hi bytes, 4 mid bytes, 4 lo bytes
 // warp w takes tokens 16w .. 16w+15 of each block, lane (g, tq) its rows 4tq .. 4tq+3 and
 // channels CH*g .. CH*g+CH-1; one mma per (m-tile, n-tile). Epilogue: c0+c1 / c2+c3 per head
 // and channel, summed over the 4 warps through shared memory.
-template <int D, int G, int WS>
+template <int D, int G, int WS, bool WHOLE = false>
 __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
@@ -130,8 +130,8 @@ __device__ __forceinline__ void values(
     const float* __restrict__ scores_in, const float* __restrict__ stats,
     const float* __restrict__ o_est, float* __restrict__ partial,
     unsigned long long* __restrict__ counters, uint8_t* __restrict__ v_tier_map,
-    const float* __restrict__ block_max, const float* __restrict__ block_sum,
-    float* __restrict__ split_stats) {
+    const float* __restrict__ block_max = nullptr, const float* __restrict__ block_sum = nullptr,
+    float* __restrict__ split_stats = nullptr) {
   // WS warps share a block's channels: warp w takes channels (w % WS) * D/WS .. and tokens
   // (w / WS) * 16*WS .. of each block, in WS k-steps of 16 (fewer accumulators per lane)
   constexpr int T = AKV_BLOCK_TOKENS, DW = D / WS, CH = DW / 8, MT = CH / 2, NWT = 4 / WS;
@@ -161,7 +161,7 @@ __device__ __forceinline__ void values(
   const int num_q_heads = num_kv_heads * G;
   const long long qhead = (long long)b * num_q_heads + (long long)h * G;
 
-  akv3::value_prologue<D, G, kMaxSplit>(
+  akv3::value_prologue<D, G, kMaxSplit, WHOLE>(
       b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
       t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_phys,
       s_r, s_special, s_tier, [&](int t, int tier, bool special, const float* p) {
@@ -262,4 +262,6 @@ __device__ __forceinline__ void values(
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v##V##_d##D##_g##G, (akv3::scores<D, G, 0>), 128, \
                          AKV3_SCORE_MINB(0, D, G))                                           \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v##V##_d##D##_g##G, (akv5::values<D, G, WS>),      \
-                         128, MINB)
+                         128, MINB)                                                          \
+  AKV_SPLIT_VALUES_WHOLE_ENTRY(akv_decode_values_whole_v##V##_d##D##_g##G,                   \
+                               (akv5::values<D, G, WS, true>), 128, MINB)

@@ -195,4 +195,6 @@ __device__ __forceinline__ void scores(
 #define AKV7_ENTRIES(MINB, WS, D, G)                                                         \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v7_d##D##_g##G, (akv7::scores<D, G>), 128,        \
                          AKV7_SCORE_MINB(D, G))                                              \
-  AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v7_d##D##_g##G, (akv5::values<D, G, WS>), 128, MINB)
+  AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v7_d##D##_g##G, (akv5::values<D, G, WS>), 128, MINB) \
+  AKV_SPLIT_VALUES_WHOLE_ENTRY(akv_decode_values_whole_v7_d##D##_g##G,                       \
+                               (akv5::values<D, G, WS, true>), 128, MINB)

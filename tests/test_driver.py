@@ -129,11 +129,13 @@ def test_signatures_parse_every_entry_point():
             assert sigs[f"akv_decode_scores_v2_d{D}_g{G}"] == sigs[f"akv_decode_scores_d{D}"]
             assert sigs[f"akv_decode_values_v2_d{D}_g{G}"] == sigs[f"akv_decode_values_d{D}"]
             v1s, v1v = sigs[f"akv_decode_scores_d{D}"], sigs[f"akv_decode_values_d{D}"]
-            # version 3 adds split_blocks (int) after the thresholds / the bias, and its
-            # values kernel the V-whole path's block statistics and split_stats at the end
+            # version 3 adds split_blocks (int) after the thresholds / the bias; the V-whole
+            # path's values kernels the block statistics and split_stats at the end
             assert sigs[f"akv_decode_scores_v3_d{D}_g{G}"] == v1s[:16] + ["i32"] + v1s[16:]
-            assert (sigs[f"akv_decode_values_v3_d{D}_g{G}"] ==
-                    v1v[:13] + ["i32"] + v1v[13:] + ["ptr"] * 3)
+            assert sigs[f"akv_decode_values_v3_d{D}_g{G}"] == v1v[:13] + ["i32"] + v1v[13:]
+            for v in (3, 5, 6, 7):
+                assert (sigs[f"akv_decode_values_whole_v{v}_d{D}_g{G}"] ==
+                        sigs[f"akv_decode_values_v3_d{D}_g{G}"] + ["ptr"] * 3)
             if G <= 4:            # version 4 (staged): same parameters as version 3
                 assert sigs[f"akv_decode_scores_v4_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
                 assert sigs[f"akv_decode_values_v4_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
@@ -278,19 +280,18 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     # full mode: the V-whole path's three launches, no estimate (docs/design.md)
     scores, values, combine = fake.launches[-3:]
     assert [x["name"] for x in (scores, values, combine)] == [
-        "akv_decode_scores_v4_d64_g3", "akv_decode_values_v4_d64_g3",
+        "akv_decode_scores_v4_d64_g3", "akv_decode_values_whole_v4_d64_g3",
         "akv_decode_combine_rescale"]
     assert scores["args"][13] == 1 and scores["args"][-2] == backend.ws["counters"].ptr
-    assert values["args"][9] == 2                   # full_mode 2: per-split statistics
     assert values["args"][-3:] == [backend.ws[n].ptr for n in
                                    ("block_max", "block_sum", "split_stats")]
     assert combine["args"][-2:] == [backend.ws["split_stats"].ptr, out.ptr]
     # an aligned call left out of the V rule (v_whole) takes the same path with K tiers
     backend.attend(1, q, out, "aligned", cache.rule, 0, True, False, True)
     assert [x["name"] for x in fake.launches[-3:]] == [
-        "akv_decode_scores_v4_d64_g3", "akv_decode_values_v4_d64_g3",
+        "akv_decode_scores_v4_d64_g3", "akv_decode_values_whole_v4_d64_g3",
         "akv_decode_combine_rescale"]
-    assert fake.launches[-3]["args"][13] == 0 and fake.launches[-2]["args"][9] == 2
+    assert fake.launches[-3]["args"][13] == 0
     backend.set_decode_version(1)
     backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
     assert [x["name"] for x in fake.launches[-4:]] == [
