@@ -717,6 +717,8 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
         barg = s_masked.argmax(axis=-1) + np.arange(nblk) * BLOCK_TOKENS
         with np.errstate(invalid="ignore", over="ignore"):
             bsum = np.exp(s_masked - bmax[..., None]).sum(axis=-1, dtype=np.float32)
+            # a block with no finite score adds nothing (the kernels skip it), not NaN
+            bsum = np.where(bmax == -np.inf, np.float32(0), bsum)
             m = bmax.max(axis=-1)                               # [Hq]
             l = (bsum * np.exp(bmax - m[:, None])).sum(axis=-1, dtype=np.float32)
             p = (np.exp(s[:, :n] - m[:, None]) / l[:, None]).astype(np.float32)
@@ -910,6 +912,7 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
             bmax = s_masked.max(axis=-1)                      # [Hq, P, nb]
             barg = s_masked.argmax(axis=-1) + np.arange(nb) * T
             bsum = np.exp(s_masked - bmax[..., None]).sum(axis=-1, dtype=np.float32)
+            bsum = np.where(bmax == -np.inf, np.float32(0), bsum)   # as decode_attention
             m_row = bmax.max(axis=-1)                         # [Hq, P]
             l_row = (bsum * np.exp(bmax - m_row[..., None])).sum(axis=-1, dtype=np.float32)
             p = np.exp(s.reshape(Hq, P, width) - m_row[..., None]) / l_row[..., None]

@@ -521,7 +521,9 @@ __device__ __forceinline__ void value_prologue(
     for (int g = 0; g < G; ++g) {
       // computed for every token (a masked one's score reads as 0), then selected: no branch
       const float e = exp2f((sc[i][g] - mx[g]) * 1.44269504f) * inv[g];
-      p[g] = valid ? e : 0.f;
+      // WHOLE: a split whose scores are all -inf (m_split = -inf, l_split = 0) weighs 0
+      // here (not NaN) and 0 in the combine, as in fp16 attention
+      p[g] = valid && (!WHOLE || mx[g] != -INFINITY) ? e : 0.f;
       gap = min(gap, s_r[j][g] - akv_unbiased_exp32(p[g]));
     }
     // the group's tier is the highest of its heads' tiers; the tier falls as the gap grows

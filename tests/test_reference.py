@@ -366,3 +366,27 @@ def test_two_pass_is_refused_where_it_does_not_exist():
     with pytest.raises(ValueError, match="k_weight_z"):
         R.AlignmentRule(k_weight_z=2)                   # needs k_weight_margin
     assert R.AlignmentRule(k_weight_margin=2, k_weight_z=2).k_weight_z == 2
+
+
+@pytest.mark.parametrize("v_whole", [False, True])
+def test_a_block_of_minus_inf_scores_weighs_nothing(v_whole):
+    """K holding +Inf in one channel for a whole 64-token block, queried with q < 0 there:
+    those scores are -inf and weigh 0, as in fp16 attention and float64 (no NaN from
+    exp(-inf - -inf) in the block's sum), with the V rule and with V read whole.
+    (akv_decode_values_whole_* select p = 0 for such a split for the same reason.)"""
+    from akv_runtime.layout import PlaneLayout
+    rng = np.random.default_rng(5)
+    Hk, Hq, D, n = 1, 2, 64, 200
+    K = rng.standard_normal((Hk, n, D)).astype(np.float16)
+    V = rng.standard_normal((Hk, n, D)).astype(np.float16)
+    K[:, 64:128, 0] = np.inf
+    q = rng.standard_normal((1, Hq, D)).astype(np.float16)
+    q[..., 0] = -1
+    layout = PlaneLayout(1, 4, Hk, D)
+    planes = {name: np.zeros(layout.plane_shape(name)[1:], np.uint8) for name in PLANE_NAMES}
+    table = np.arange(4, dtype=np.int32)[None]
+    R.append_tokens(planes, table, [0], K[None], V[None])
+    res = R.decode_attention(planes, q, table, [n], "aligned", R.TUNED_RULE, v_whole=v_whole)
+    exact = R.float64_attention(q[0], K, V)
+    assert np.isfinite(res.output).all()
+    assert R.relative_error(res.output[0], exact) < 5e-3
