@@ -396,7 +396,8 @@ class AlignedKVCache:
             Add the bytes read per plane to the cache's counters (:meth:`counters`).
         debug : bool
             Also return a dict with the tiers, scores, weights and estimates the backend used
-            (copies to the host; for tests).
+            (copies to the host; for tests). ``stats`` and ``o_est`` are None where V is read
+            whole (full mode, or a call the V rule leaves out: no estimate phase ran).
         rule : AlignmentRule or str, optional
             Override the cache's rule for this call (a name picks ``reference.RULES[name]``).
         strict : bool
@@ -522,7 +523,8 @@ class AlignedKVCache:
     def __repr__(self):
         return (f"AlignedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
                 f"query_heads={self.num_query_heads}, head_dim={self.head_dim}, "
-                f"batch={self.batch_size}, capacity={self.capacity}, backend={self.backend!r})")
+                f"batch={self.batch_size}, capacity={self.capacity}, v_rule={self._v_rule!r}, "
+                f"backend={self.backend!r})")
 
 
 class NumpyBackend:
@@ -568,9 +570,11 @@ class NumpyBackend:
             self._counters += result.counters
         if not debug:
             return output
+        whole = v_whole or mode == "full"      # no estimate phase: no global stats, no O_est
         info = {"k_tiers": result.k_tiers, "v_tiers": result.v_tiers,
                 "scores": result.scores, "weights": result.weights,
-                "stats": result.stats, "o_est": result.o_est,
+                "stats": None if whole else result.stats,
+                "o_est": None if whole else result.o_est,
                 "counters": result.counter_dict()}
         return output, info
 

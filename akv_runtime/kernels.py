@@ -42,7 +42,9 @@ FUSED_MAX_BPC = 8
 FUSED_MIN_CAPABILITY = (9, 0)
 FUSED_CLUSTER_SIZES = (8, 16)
 #: The fused kernel runs by default only for batches of at most this many clusters
-#: (sequences x KV heads; see CudaBackend._use_fused).
+#: (sequences x KV heads; see CudaBackend._use_fused), and only on calls that apply the V
+#: rule: with the cache's default v_rule="auto" such small calls read V whole instead
+#: (docs/design.md), so by default it runs only under v_rule="always".
 FUSED_MAX_CLUSTERS = 4
 #: Decode kernel versions (cuda/akv.cu: 1, cuda/akv_decode_v2.cuh: 2, cuda/akv_decode_v3.cuh:
 #: 3 and 4, cuda/akv_decode_v5.cuh: 5 and 6, cuda/akv_decode_v7.cuh: 7); $AKV_DECODE_VERSION
@@ -125,7 +127,8 @@ def env_decode_version() -> int | None:
 def env_fused():
     """$AKV_FUSED: the CUDA backend's use of the fused kernel (CudaBackend.fused): unset,
     empty or "1": where measured faster (True); "0": never (False); "always": wherever it
-    serves (measurements).
+    serves (measurements). Either way only on calls that apply the V rule (not on the
+    V-whole path: full mode, or v_rule "auto" at its small sizes).
 
     Raises ValueError naming the variable for anything else."""
     env = os.environ.get("AKV_FUSED", "").strip()
@@ -479,7 +482,7 @@ class CudaBackend:
             launch()
         if not debug:
             return out_obj
-        return out_obj, self._debug_info(layer, s)
+        return out_obj, self._debug_info(layer, s, whole=mode == "full" or bool(v_whole))
 
     def decode_phases(self, layer, q_info, out_ptr, mode, rule, stream, count=False,
                       k_map=0, v_map=0, v_whole=False) -> list:
@@ -496,9 +499,9 @@ class CudaBackend:
         :meth:`attend` runs them all; the benchmark also times each alone (each reads only
         what earlier phases left in the workspace, so repeating one is harmless).
         The argument arrays are packed once per (layer, mode, rule, counting, debug maps,
-        kernel version) and only the per-call values (q, its strides, the output, the splits)
-        are rewritten in place, so a decode step costs four driver calls (or one) and little
-        Python.
+        kernel version, V-whole path or not) and only the per-call values (q, its strides,
+        the output, the splits) are rewritten in place, so a decode step costs four driver
+        calls (three on the V-whole path, one fused) and little Python.
         """
         cache = self.cache
         B, Hq, D = q_info.shape
@@ -544,7 +547,8 @@ class CudaBackend:
         ]
 
     def _use_fused(self, nblk: int, Hk: int, B: int) -> bool:
-        """Whether a decode call over sequences of at most ``nblk`` blocks runs the fused
+        """Whether a decode call that applies the V rule (:meth:`decode_phases` asks only
+        then), over sequences of at most ``nblk`` blocks, runs the fused
         kernel (one launch of clusters, cuda/akv_fused.cu) instead of the four launches: only
         where it exists (compute capability 9.0) and serves (at most FUSED_MAX_BLOCKS
         blocks); with ``fused`` True only where it was measured faster, at most
@@ -662,15 +666,16 @@ class CudaBackend:
             driver.memset8(arr.ptr, 0, arr.nbytes, stream)
         return self._debug["k_tiers"].ptr, self._debug["v_tiers"].ptr
 
-    def _debug_info(self, layer, stream):
+    def _debug_info(self, layer, stream, whole=False):
         driver.synchronize(stream)
         lengths = self.cache._lengths[layer]
         k_map = self._debug["k_tiers"].to_numpy(stream)
         v_map = self._debug["v_tiers"].to_numpy(stream)
         scores = self.ws["scores"].to_numpy(stream)
         info = {"k_tiers": [], "v_tiers": [], "scores": [],
-                "stats": self.ws["stats"].to_numpy(stream),
-                "o_est": self.ws["o_est"].to_numpy(stream),
+                # the V-whole path runs no estimate: no global statistics, no O_est
+                "stats": None if whole else self.ws["stats"].to_numpy(stream),
+                "o_est": None if whole else self.ws["o_est"].to_numpy(stream),
                 "counters": dict(zip(COUNTER_NAMES, self.read_counters().tolist()))}
         for b, n in enumerate(lengths):
             n = int(n)

@@ -10,9 +10,14 @@ numpy                              CUDA entry point
 :func:`k_tiers`                    phase 1 of ``akv_decode_scores``
 :func:`v_tiers`                    ``akv_decode_values`` tier decision
 :func:`decode_attention`           ``akv_decode_scores`` → ``akv_decode_estimate``
-                                   → ``akv_decode_values`` → ``akv_decode_combine``
-:func:`causal_decode_attention`    the same four kernels at every position of a
-                                   sequence (teacher forcing, for perplexity)
+                                   → ``akv_decode_values`` → ``akv_decode_combine``;
+                                   with ``v_whole`` (and in full mode) the V-whole
+                                   path: ``akv_decode_scores`` →
+                                   ``akv_decode_values_whole`` →
+                                   ``akv_decode_combine_rescale``
+:func:`causal_decode_attention`    the same kernels at every position of a sequence
+                                   (teacher forcing, for perplexity), the V rule on
+                                   every call (a cache under ``v_rule="always"``)
 :func:`mma_weight_terms`           the weights of ``akv_decode_values_v5/v6`` as
                                    the two fp16 columns of their tensor-core mma
 =================================  ================================================
@@ -206,6 +211,8 @@ def v_rule_applies(policy: str, batch: int, num_kv_heads: int, head_dim: int,
 
     Raises ValueError for an unknown policy. Source: docs/design.md, "The V-whole path";
     the threshold is :data:`V_RULE_MIN_BYTES`."""
+    if not isinstance(policy, str):
+        raise ValueError(f"v_rule: expected one of {V_RULE_POLICIES}, got {policy!r}")
     if policy == "always":
         return True
     if policy == "never":
@@ -654,8 +661,8 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
     top-``rule.topk`` blocks (hi plane only), V read at :func:`v_tiers`, fp32 output.
     With ``v_whole`` (and always in ``full`` mode) it is the twin of the V-whole path's three
     launches (docs/design.md): no estimate (``o_est`` stays zero, its rows are not counted),
-    every V token at tier 16, no V exponent maxima read; the kernels normalise per split and merge the splits, which
-    equals this global softmax up to fp32 rounding.
+    every V token at tier 16, no V exponent maxima read; the kernels normalise per split and
+    merge the splits, which equals this global softmax up to fp32 rounding.
 
     Parameters
     ----------
@@ -988,7 +995,8 @@ def _count_bytes(kt, vt, n, Hq, nblk, D, rule, estimate: bool = True):
     assert c[3:6].sum() == v_bytes_per_token(vt, D).sum()
     if rule.k_weight_margin is not None:     # two-pass K: pass 2 re-reads the hi rows of the
         c[0] += BLOCK_TOKENS * int((kt >= 12).sum())    # channels it refines
-    # exponent maxima (K and V) per block and KV head, plus the estimate's hi rows
+    # K exponent maxima per block and KV head; with the V rule also the V maxima and the
+    # estimate's hi rows
     c[6] = D * nblk * Hk + (D * nblk * Hk + D * Hq * min(rule.topk, nblk) if estimate else 0)
     c[7] = n * D * Hk
     return c

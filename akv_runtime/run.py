@@ -96,12 +96,12 @@ def _v_whole_note(cache) -> str:
 
 
 def _new_cache(config: Config, backend: str, num_layers: int, max_seq_len: int,
-               batch_size: int = 1):
+               batch_size: int = 1, v_rule: str = "auto"):
     from .cache import AlignedKVCache
     m = config.model
     return AlignedKVCache(num_layers, m.num_kv_heads, m.head_dim, max_seq_len,
                           num_query_heads=m.num_query_heads, batch_size=batch_size,
-                          rule=config.rule_object(), backend=backend)
+                          rule=config.rule_object(), v_rule=v_rule, backend=backend)
 
 
 def _meter_fields(meter, layers) -> dict:
@@ -164,7 +164,8 @@ def run_model(config: Config, backend: str, args, model_path: Path) -> dict:
         ids = prompt_ids(tokenizer, prompt, w.chat_template).to(device)
         base = hf.generate(model, ids, DynamicCache(), w.max_new_tokens)[0].tolist()
         bar.update()
-        store = _new_cache(config, backend, num_layers, ids.shape[1] + w.max_new_tokens)
+        store = _new_cache(config, backend, num_layers, ids.shape[1] + w.max_new_tokens,
+                           v_rule=args.v_rule)
         cache = hf.AlignedCache(store, count=True, observer=gen_meter.observe)
         aligned = hf.generate(model, ids, cache, w.max_new_tokens)[0].tolist()
         bar.update()
@@ -188,7 +189,7 @@ def run_model(config: Config, backend: str, args, model_path: Path) -> dict:
         if name == "fp16":
             cache = DynamicCache()
         else:
-            store = _new_cache(config, backend, num_layers, ctx + steps)
+            store = _new_cache(config, backend, num_layers, ctx + steps, v_rule=args.v_rule)
             cache = hf.AlignedCache(store, count=True, observer=meter.observe)
         total = 0.0
         with torch.inference_mode():
@@ -272,7 +273,8 @@ def run_attention(config: Config, backend: str, args, source_kind: str) -> dict:
         source = SyntheticSource(m.num_layers, m.num_query_heads, m.num_kv_heads, m.head_dim,
                                  layers, w.batch, seed=w.seed, device=device)
         context, steps, batch = w.context_tokens, w.decode_steps, w.batch
-    cache = _new_cache(config, backend, len(source.layers), context + steps, batch)
+    cache = _new_cache(config, backend, len(source.layers), context + steps, batch,
+                       v_rule=args.v_rule)
     result = run_attention_workload(source, cache, context_tokens=context, decode_steps=steps,
                                     error_steps=w.error_steps,
                                     timing_repeats=w.timing_repeats,
@@ -431,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(e.g. .trace/smollm2_trace.npz)")
     parser.add_argument("--rule", choices=sorted(RULES),
                         help="a named precision-alignment rule instead of the config's rule")
+    parser.add_argument("--v-rule", dest="v_rule", choices=("auto", "always", "never"),
+                        default="auto",
+                        help="when the rule's V side runs (AlignedKVCache v_rule; default auto: "
+                             "calls of at most 48 MiB of V read V whole; always: the paper's "
+                             "rule on every call; docs/design.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -485,6 +492,7 @@ def run(config: Config, args) -> dict:
             "rule": {"name": rule.name, "k_thresholds": list(rule.k_thresholds),
                      "v_thresholds": list(rule.v_thresholds), "topk": rule.topk,
                      "v_bias": rule.v_bias, "v_skip": rule.v_skip},
+            "v_rule": args.v_rule,
             "shapes": {"num_layers": m.num_layers, "num_query_heads": m.num_query_heads,
                        "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim},
             "reduced": reduced}

@@ -37,7 +37,10 @@ def main(count: int) -> None:
     g.manual_seed(1)
     for Hq, Hk, D, B, ctx in CASES[:count]:
         rot = 4
-        cache = AlignedKVCache(rot, Hk, D, ctx, num_query_heads=Hq, batch_size=B, backend="cuda")
+        # the fused kernel serves calls that apply the V rule (v_rule "auto" reads V whole at
+        # these sizes and never launches it)
+        cache = AlignedKVCache(rot, Hk, D, ctx, num_query_heads=Hq, batch_size=B, backend="cuda",
+                               v_rule="always")
         qs = []
         for layer in range(rot):
             k, v = workload.synthetic_kv(g, B, Hk, ctx, D, 0.5)

@@ -65,7 +65,7 @@ def main(specs):
             g = torch.Generator(device="cuda")
             g.manual_seed(1)
             cache = AlignedKVCache(1, Hk, D, ctx, num_query_heads=Hq, batch_size=B,
-                                   backend="cuda")
+                                   backend="cuda", v_rule="always")   # the fused kernel's path
             k, v = workload.synthetic_kv(g, B, Hk, ctx, D, 0.5)
             cache.append(0, k, v)
             q = workload.synthetic_q(g, B, Hq, D, 0.5, num_kv_heads=Hk)

@@ -45,7 +45,7 @@ def validate(model, tokenizer, stats, context=512, steps=16, layers=(1, 10, 20, 
                 shapes["head_dim"], list(layers), 1, seed=0, stats=stats))):
         cache = AlignedKVCache(len(layers), shapes["num_kv_heads"], shapes["head_dim"],
                                context + steps, num_query_heads=shapes["num_query_heads"],
-                               backend="numpy")
+                               backend="numpy", v_rule="always")   # the V side is compared too
         result = workload.run_attention_workload(source, cache, context_tokens=context,
                                                  decode_steps=steps, error_steps=steps,
                                                  progress=False)

@@ -58,6 +58,9 @@ def main():
                         help="time this many calls with CUDA events (default 0: none)")
     parser.add_argument("--l2-fetch", type=int, default=None,
                         help="set CU_LIMIT_MAX_L2_FETCH_GRANULARITY to this many bytes first")
+    parser.add_argument("--v-rule", default="auto", choices=("auto", "always", "never"),
+                        help="when the V rule runs (AlignedKVCache v_rule; auto: calls of at most "
+                             "48 MiB of V read V whole, the V-whole path's three launches)")
     args = parser.parse_args()
     reason = cuda_unavailable_reason()
     if reason is not None:
@@ -66,7 +69,7 @@ def main():
     rng = torch.Generator(device="cuda")
     rng.manual_seed(0)
     cache = AlignedKVCache(1, Hk, D, args.context, num_query_heads=Hq, batch_size=args.batch,
-                           backend="cuda", rule=named_rule(args.rule))
+                           backend="cuda", rule=named_rule(args.rule), v_rule=args.v_rule)
     print("L2 fetch granularity limit:", l2_fetch(args.l2_fetch), "bytes")
     if args.version is not None:
         cache._backend.set_decode_version(args.version)

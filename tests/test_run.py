@@ -280,3 +280,19 @@ def test_unwritable_output_is_refused_before_the_run(tmp_path, capsys, monkeypat
                        "/proc/akv_nope/out.json"])
         assert rc == 2
         assert "cannot create files in /proc" in capsys.readouterr().err
+
+
+def test_v_rule_flag_chooses_when_the_v_rule_runs(tmp_path):
+    """--v-rule always applies the rule's V side on the CPU main job's small calls (V bits
+    below 16), the default (auto) reads V whole there and says so in the bits note."""
+    out = {}
+    for policy in ("always", "auto"):
+        path = tmp_path / f"{policy}.json"
+        rc = run.main(["--config", str(ROOT / "configs/llama7b.yaml"), "--backend", "numpy",
+                           "--no-progress", "--v-rule", policy, "--json", str(path)])
+        assert rc == 0
+        out[policy] = json.loads(path.read_text())
+    assert out["always"]["v_rule"] == "always" and out["auto"]["v_rule"] == "auto"
+    assert out["always"]["bits_per_value"]["v"] < 16.0 == out["auto"]["bits_per_value"]["v"]
+    assert "V read whole" in out["auto"]["bits_note"]
+    assert "V read whole" not in out["always"]["bits_note"]

@@ -157,9 +157,10 @@ class AlignedCache(Cache):
 
     @classmethod
     def for_model(cls, model, max_seq_len: int, *, batch_size: int = 1, rule=SEED_RULE,
-                  backend: str = "auto", **kwargs) -> "AlignedCache":
+                  v_rule: str = "auto", backend: str = "auto", **kwargs) -> "AlignedCache":
         """An empty cache with the model's attention shapes (backend ``cuda`` when the model
-        is on a GPU and ``auto`` is asked)."""
+        is on a GPU and ``auto`` is asked); ``rule`` and ``v_rule`` as
+        :class:`~akv_runtime.cache.AlignedKVCache` takes them."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
         heads = config.num_attention_heads
@@ -169,7 +170,7 @@ class AlignedCache(Cache):
         store = AlignedKVCache(config.num_hidden_layers,
                                getattr(config, "num_key_value_heads", None) or heads, head_dim,
                                max_seq_len, num_query_heads=heads, batch_size=batch_size,
-                               rule=rule, backend=backend)
+                               rule=rule, v_rule=v_rule, backend=backend)
         return cls(store, **kwargs)
 
     # transformers calls update(key_states, value_states, layer_idx, ...)
