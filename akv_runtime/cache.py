@@ -22,7 +22,7 @@ from . import reference
 from .arrays import describe, is_torch_tensor, to_numpy
 from .layout import (BLOCK_TOKENS, COUNTER_NAMES, MAX_GQA_GROUP, PLANE_NAMES,
                      SUPPORTED_HEAD_DIMS, PlaneLayout, blocks_for, identity_block_table)
-from .reference import (MODES, SEED_RULE, V_RULE_POLICIES, AlignmentRule, named_rule,
+from .reference import (MODES, SEED_RULE, AlignmentRule, check_v_rule, named_rule,
                         v_rule_applies)
 
 
@@ -73,12 +73,6 @@ def _check_rule_backend(rule: AlignmentRule, backend: str) -> None:
             "rule.k_weight_margin: the two-pass K read is a design study of the numpy "
             "reference (docs/fidelity.md); the CUDA kernels do not implement it; use "
             "backend='numpy' or a rule without k_weight_margin")
-
-
-def _check_v_rule(v_rule) -> None:
-    """ValueError unless ``v_rule`` is one of ``reference.V_RULE_POLICIES``."""
-    if not isinstance(v_rule, str) or v_rule not in V_RULE_POLICIES:
-        raise ValueError(f"v_rule: expected one of {V_RULE_POLICIES}, got {v_rule!r}")
 
 
 def _as_rule(rule) -> AlignmentRule:
@@ -160,7 +154,7 @@ class AlignedKVCache:
             raise ValueError(f"num_query_heads: a GQA group of "
                              f"{num_query_heads // num_kv_heads} exceeds {MAX_GQA_GROUP}")
         rule = _as_rule(rule)
-        _check_v_rule(v_rule)
+        check_v_rule(v_rule)
         blocks_per_seq = blocks_for(max_seq_len)
         if block_table is None:
             num_blocks = batch_size * blocks_per_seq if num_blocks is None else num_blocks
@@ -249,14 +243,16 @@ class AlignedKVCache:
 
     @v_rule.setter
     def v_rule(self, value: str) -> None:
-        _check_v_rule(value)
+        check_v_rule(value)
         self._v_rule = value
 
     def v_rule_applies(self, layer: int) -> bool:
         """Whether an ``aligned`` call on ``layer`` now applies the V rule (else it reads V
         whole): ``reference.v_rule_applies`` for this cache's shape and the layer's longest
         sequence."""
-        layer = self._check_layer(layer)
+        return self._applies_v_rule(self._check_layer(layer))
+
+    def _applies_v_rule(self, layer: int) -> bool:
         return v_rule_applies(self._v_rule, self.batch_size, self.num_kv_heads,
                               self.head_dim, int(self._lengths[layer].max()))
 
@@ -439,9 +435,7 @@ class AlignedKVCache:
             empty = int(np.argmin(self._lengths[layer]))
             raise ValueError(f"layer: sequence {empty} of layer {layer} holds no tokens; "
                              f"append before attend")
-        v_whole = mode == "aligned" and not v_rule_applies(
-            self._v_rule, self.batch_size, self.num_kv_heads, self.head_dim,
-            int(self._lengths[layer].max()))
+        v_whole = mode == "aligned" and not self._applies_v_rule(layer)
         return self._backend.attend(layer, q_info, out_info, mode, rule, stream, count, debug,
                                     v_whole)
 

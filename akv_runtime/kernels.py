@@ -526,10 +526,11 @@ class CudaBackend:
         plan.score_split.value, plan.split.value = score_split, split
         plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
         chains = combine_chains(splits, Hq * B, D, self.dev.multiprocessors)
+        scores = ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
+                                       plan.scores, stream, self.scores_smem))
         if whole and self.decode_version >= 3:
             return [
-                ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
-                                      plan.scores, stream, self.scores_smem)),
+                scores,
                 ("values", lambda: go(self.k_values_whole, (splits, Hk, B), (VALUE_THREADS,),
                                       plan.values, stream, self.values_smem)),
                 ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
@@ -537,8 +538,7 @@ class CudaBackend:
             ]
         estimate = self._estimate_launch(nblk, Hq, B)
         return [
-            ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
-                                  plan.scores, stream, self.scores_smem)),
+            scores,
             ("estimate", lambda: go(*estimate, plan.estimate, stream)),
             ("values", lambda: go(self.k_values, (splits, Hk, B), (VALUE_THREADS,),
                                   plan.values, stream, self.values_smem)),

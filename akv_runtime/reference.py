@@ -197,6 +197,12 @@ V_RULE_POLICIES = ("auto", "always", "never")
 V_RULE_MIN_BYTES = 48 << 20
 
 
+def check_v_rule(policy) -> None:
+    """ValueError naming ``v_rule`` unless ``policy`` is one of :data:`V_RULE_POLICIES`."""
+    if not isinstance(policy, str) or policy not in V_RULE_POLICIES:
+        raise ValueError(f"v_rule: expected one of {V_RULE_POLICIES}, got {policy!r}")
+
+
 def v_rule_applies(policy: str, batch: int, num_kv_heads: int, head_dim: int,
                    max_length: int) -> bool:
     """Whether an aligned decode call applies the V rule under ``policy`` (one of
@@ -211,14 +217,9 @@ def v_rule_applies(policy: str, batch: int, num_kv_heads: int, head_dim: int,
 
     Raises ValueError for an unknown policy. Source: docs/design.md, "The V-whole path";
     the threshold is :data:`V_RULE_MIN_BYTES`."""
-    if not isinstance(policy, str):
-        raise ValueError(f"v_rule: expected one of {V_RULE_POLICIES}, got {policy!r}")
-    if policy == "always":
-        return True
-    if policy == "never":
-        return False
+    check_v_rule(policy)
     if policy != "auto":
-        raise ValueError(f"v_rule: expected one of {V_RULE_POLICIES}, got {policy!r}")
+        return policy == "always"
     v_bytes = batch * num_kv_heads * blocks_for(max_length) * BLOCK_TOKENS * head_dim * 2
     return v_bytes > V_RULE_MIN_BYTES
 
