@@ -240,7 +240,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     candidates = [("sdpa_cudnn", None, lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
                   ("sdpa_flash", None, lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
                   ("eager", None, eager)]
-    from .kernels import default_decode_version, env_fused
+    from .kernels import default_decode_version, env_fused, env_split_whole
     default = default_decode_version(G, D)
     result["default_version"] = default
     backend = cache._backend
@@ -255,15 +255,23 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
         candidates += [(f"akv_full_v{version}", version, ours("full")),
                        (f"akv_aligned_v{version}", version, ours("aligned"))]
     candidates += [("akv_full", "default", ours("full")),
-                   ("akv_aligned", "default", ours("aligned"))]
+                   ("akv_aligned", "default", ours("aligned")),
+                   # the V-whole path at every size (v_rule "never"), in its two launches
+                   # (the split kernel) and in the default version's three
+                   ("akv_whole", "whole", ours("aligned")),
+                   ("akv_whole3", "whole3", ours("aligned"))]
     # every candidate captured first, then timed in interleaved rounds
     # (_interleaved_median_ms), so that no candidate is favoured by its place in the run
     graphs, times = {}, {}
     for name, version, fn in candidates:
+        backend.split_whole = version != "whole3"
         if version == "default":               # the cache's default path (v_rule "auto")
             backend.fused = env_fused()
             backend.set_decode_version(default)
             cache.v_rule = "auto"
+        elif version in ("whole", "whole3"):   # the V-whole path on every call
+            backend.set_decode_version(default)
+            cache.v_rule = "never"
         elif version is not None:              # the four launches of version N (the V rule)
             backend.fused = False
             backend.set_decode_version(version)
@@ -281,6 +289,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     del graphs
     result["ms"] = {name: times[name] for name, _, _ in candidates}
     backend.fused = env_fused()
+    backend.split_whole = env_split_whole()
     backend.set_decode_version(default)
     cache.v_rule = "auto"
     # each decode phase alone (aligned mode, default kernels), to place the time
@@ -343,13 +352,15 @@ def format_table(rows, copy_bw) -> str:
     (four launches, the V rule on every call); column ``v`` is the path a cache runs by
     default, ``v_rule="auto"`` (``W``: the V-whole path, ``F``: the fused kernel, else the
     default version's four launches), whose times are the ``aligned`` column (``full``: full
-    mode, the V-whole path's three launches from version 3 on)."""
+    mode, the V-whole path from version 3 on); ``whole`` / ``whole3``: the V-whole path at
+    every size (``v_rule="never"``) in two launches (the split kernel) / in the default
+    version's three (rows of older runs: n/a)."""
     versions = sorted({int(k.rsplit("_v", 1)[1]) for r in rows for k in r["ms"]
                        if k.startswith("akv_aligned_v")} |
                       {r["default_version"] for r in rows if "default_version" in r})
     vcols = "".join(f" {'algn v' + str(v):>7}" for v in versions)
     head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7}{vcols} "
-            f"{'v':>2} {'full':>7} {'aligned':>8} "
+            f"{'v':>2} {'full':>7} {'aligned':>8} {'whole':>7} {'whole3':>7} "
             f"{'x cudnn':>8} {'x eager':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6} {'append':>7}")
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
              "-" * len(head)]
@@ -370,7 +381,8 @@ def format_table(rows, copy_bw) -> str:
             f"{r['shape']:<13}{r['batch']:>3}{r['context']:>7} {fmt(t.get('sdpa_cudnn'))} "
             f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))}{per_version} "
             f"{path:>2} {fmt(t.get('akv_full'))} "
-            f"{fmt(t.get('akv_aligned')):>8} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
+            f"{fmt(t.get('akv_aligned')):>8} {fmt(t.get('akv_whole'))} "
+            f"{fmt(t.get('akv_whole3'))} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
             f"{(t['eager'] / t['akv_aligned']) if t.get('eager') and t.get('akv_aligned') else 0:8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "
             f"{r.get('aligned_bandwidth_TBps', 0):6.2f} "
@@ -434,9 +446,10 @@ def main(argv=None) -> int:
     rule = named_rule(args.rule)
     # every argument is checked before the GPU is looked for
     grid, versions = _grid_and_versions(parser, args)
-    from .kernels import env_decode_version, env_fused, env_split_blocks
+    from .kernels import env_decode_version, env_fused, env_split_blocks, env_split_whole
     try:
         env_fused()
+        env_split_whole()
         env_decode_version()        # ignored here (--versions decides), but a cache refuses
         forced_split = env_split_blocks()      # a bad value: refuse it now, not mid-run
     except ValueError as exc:

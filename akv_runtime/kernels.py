@@ -138,6 +138,20 @@ def env_fused():
     return choices[env]
 
 
+def env_split_whole():
+    """$AKV_SPLIT_WHOLE: the V-whole path's kernels (CudaBackend.split_whole) for versions
+    >= 3: unset, empty or "1": the split kernel (akv_decode_split_whole_v7_*: scores and
+    values of a split in one CTA) and the combine, two launches (True); "0": the version's
+    scores and values kernels and the combine, three launches (False; measurements).
+
+    Raises ValueError naming the variable for anything else."""
+    env = os.environ.get("AKV_SPLIT_WHOLE", "").strip()
+    choices = {"": True, "1": True, "0": False}
+    if env not in choices:
+        raise ValueError(f"$AKV_SPLIT_WHOLE: expected 0 or 1, got {env!r}")
+    return choices[env]
+
+
 def env_split_blocks() -> int | None:
     """$AKV_SPLIT_BLOCKS: blocks per CTA for decode versions >= 3 instead of the automatic
     choice (both split kernels; tests and experiments), or None when unset or empty.
@@ -278,6 +292,10 @@ class CudaBackend:
         #: see _use_fused. ``fused_cluster`` forces its cluster size (8 or 16).
         self.fused = env_fused()
         self.fused_cluster = None
+        #: the V-whole path in two launches, the split kernel and the combine (True), or in
+        #: three, the version's scores and values kernels and the combine (False); see
+        #: decode_phases
+        self.split_whole = env_split_whole()
         self.k_fused, self.fused_max_cluster = self._load_fused(cache)
 
         layout = cache.layout
@@ -339,6 +357,10 @@ class CudaBackend:
         # the V-whole path's values kernel (versions >= 3; docs/design.md)
         self.k_values_whole = (fn(f"akv_decode_values_whole_{values_suffix}")
                                if version >= 3 else None)
+        # the V-whole path's split kernel: version 7's scores and V-whole values kernels in
+        # one CTA (akv7::split_whole), for every version >= 3
+        self.k_split_whole = (fn(f"akv_decode_split_whole_v7_d{D}_g{G}")
+                              if version >= 3 else None)
         self.scores_smem = self.values_smem = 0
         if version == 4:
             stage = 2 * BLOCK_TOKENS * D
@@ -352,6 +374,9 @@ class CudaBackend:
                                                              self.scores_smem))
         self.values_per_sm = max(1, driver.max_active_blocks(self.k_values, VALUE_THREADS,
                                                              self.values_smem))
+        self.split_whole_per_sm = (
+            max(1, driver.max_active_blocks(self.k_split_whole, SCORE_THREADS, 0))
+            if self.k_split_whole is not None else 1)
         self.decode_version = version
 
     def splits(self, nblk: int, num_kv_heads: int, batch: int) -> tuple[int, int]:
@@ -386,6 +411,22 @@ class CudaBackend:
                                      MAX_SCORE_SPLIT_BLOCKS)
             found = self._splits[key] = (
                 score, choose_split(nblk, rows, sms * self.values_per_sm, MAX_SPLIT_BLOCKS))
+        return found
+
+    def whole_split(self, nblk: int, num_kv_heads: int, batch: int) -> int:
+        """Blocks per CTA of the split kernel (akv_decode_split_whole_v7_*) for sequences of
+        at most ``nblk`` blocks: :func:`choose_split` with the kernel's own occupancy, at most
+        MAX_SPLIT_BLOCKS (its values part's kMaxSplit); ``forced_split``'s values split where
+        one is forced."""
+        if self.forced_split is not None:
+            forced = self.forced_split
+            return min(MAX_SPLIT_BLOCKS, forced[1] if isinstance(forced, tuple) else forced)
+        key = (nblk, num_kv_heads, batch, "split_whole")
+        found = self._splits.get(key)
+        if found is None:
+            found = self._splits[key] = choose_split(
+                nblk, num_kv_heads * batch, self.dev.multiprocessors * self.split_whole_per_sm,
+                MAX_SPLIT_BLOCKS)
         return found
 
     # ------------------------------------------------------------------ helpers
@@ -490,9 +531,11 @@ class CudaBackend:
         four phases (scores, estimate, values, combine), or the one fused launch where
         :meth:`_use_fused` says so (cuda/akv_fused.cu). With V read whole (``full`` mode, or
         ``v_whole``: an aligned call left out of the V rule, ``reference.v_rule_applies``)
-        versions >= 3 run the V-whole path's three launches (scores, akv_decode_values_whole_*
-        with each split normalised by its own statistics, akv_decode_combine_rescale;
-        docs/design.md);
+        versions >= 3 run the V-whole path: with :attr:`split_whole` (the default) two
+        launches, the split kernel (akv_decode_split_whole_v7_*: a split's scores, then its
+        values normalised by the split's own statistics, in one CTA) and
+        akv_decode_combine_rescale; without it three (the version's scores kernel,
+        akv_decode_values_whole_*, the combine; docs/design.md);
         versions 1 and 2 run their four launches with V at tier 16 (the estimate only for
         the statistics, uncounted).
 
@@ -501,7 +544,7 @@ class CudaBackend:
         The argument arrays are packed once per (layer, mode, rule, counting, debug maps,
         kernel version, V-whole path or not) and only the per-call values (q, its strides,
         the output, the splits) are rewritten in place, so a decode step costs four driver
-        calls (three on the V-whole path, one fused) and little Python.
+        calls (two or three on the V-whole path, one fused) and little Python.
         """
         cache = self.cache
         B, Hq, D = q_info.shape
@@ -519,6 +562,21 @@ class CudaBackend:
             smem = fused_smem_bytes(D, Hq // Hk, bpc)
             return [("fused", lambda: go(self.k_fused, (cluster, Hk, B), (FUSED_THREADS,),
                                          plan.fused, stream, smem, cluster))]
+        if whole and self.decode_version >= 3 and self.split_whole:
+            # the V-whole path in two launches: the split kernel, then the combine
+            split = self.whole_split(nblk, Hk, B)
+            splits = -(-nblk // split)
+            plan = self._plan(layer, mode, rule, count, k_map, v_map, whole="split")
+            plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
+            plan.split.value = split
+            plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
+            chains = combine_chains(splits, Hq * B, D, self.dev.multiprocessors)
+            return [
+                ("split", lambda: go(self.k_split_whole, (splits, Hk, B), (SCORE_THREADS,),
+                                     plan.split_whole, stream, 0)),
+                ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
+                                       plan.combine, stream)),
+            ]
         score_split, split = self.splits(nblk, Hk, B)
         score_splits, splits = -(-nblk // score_split), -(-nblk // split)
         plan = self._plan(layer, mode, rule, count, k_map, v_map, whole=whole)
@@ -586,9 +644,11 @@ class CudaBackend:
     def _plan(self, layer, mode, rule, count, k_map, v_map, fused=False, whole=False):
         """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`):
         ``whole`` packs the V-whole path (versions >= 3: akv_decode_values_whole_* and the
-        rescaling combine; 1 and 2: V at tier 16, the estimate uncounted)."""
+        rescaling combine; 1 and 2: V at tier 16, the estimate uncounted); ``whole="split"``
+        also the split kernel's arguments (akv_decode_split_whole_v7_*)."""
         key = (layer, mode, rule, bool(count), k_map, v_map,
-               "fused" if fused else self.decode_version, bool(whole))
+               "fused" if fused else self.decode_version,
+               whole if whole == "split" else bool(whole))
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -643,6 +703,16 @@ class CudaBackend:
             *value_extra])
         plan.pack("combine", [lengths, i32(bps), i32(Hq), i32(D), plan.split, ws["partial"],
                               *([ws["split_stats"]] if split_path else []), plan.out_ptr])
+        if whole == "split":
+            # the split kernel (akv7::split_whole): the scores kernel's arguments with the V
+            # planes after the K planes, then the values kernel's outputs
+            plan.pack("split_whole", [
+                plan.q_ptr, plan.q_sb, plan.q_sh, lengths, ws["block_table"], i32(bps),
+                p["k_hi"], p["k_mid"], p["k_lo"], p["k_exp_max"], p["v_hi"], p["v_mid"],
+                p["v_lo"], i32(Hk), i32(G), f32(1.0 / np.sqrt(D)), full,
+                i32(rule.k_thresholds[0]), i32(rule.k_thresholds[1]), plan.split,
+                ws["scores"], ws["block_max"], ws["block_sum"], ws["block_arg"],
+                ws["partial"], ws["split_stats"], counters, ptr(k_map), ptr(v_map)])
         self._plans[key] = plan
         return plan
 

@@ -390,7 +390,11 @@ __device__ __forceinline__ void scores(
 // (m_split, l_split) of each head go to split_stats[(qhead + g) * blocks_per_seq + split]
 // for akv_decode_combine_rescale. No V exponent maxima are read or counted; every block
 // counts as `special` (round 2). full_mode is then ignored.
-template <int D, int G, int MS, bool WHOLE, class Emit>
+//
+// COHERENT (the split kernel, akv7::split_whole, whose scores and block statistics this CTA
+// wrote earlier in the same launch): those are read with ld.global.cg (L2, coherent), never
+// through the read-only path that `const __restrict__` allows for data fixed during a launch.
+template <int D, int G, int MS, bool WHOLE, bool COHERENT = false, class Emit>
 __device__ __forceinline__ void value_prologue(
     int b, int h, int n, int first, int count, const int* __restrict__ block_table,
     int blocks_per_seq, const uint8_t* __restrict__ v_exp, int num_kv_heads, int full_mode,
@@ -413,7 +417,10 @@ __device__ __forceinline__ void value_prologue(
     const int t = tid + 128 * i, tok = first * T + t;
     const bool valid = t < count * T && tok < n;
 #pragma unroll
-    for (int g = 0; g < G; ++g) sc[i][g] = valid ? scores_in[(qhead + g) * srow + tok] : 0.f;
+    for (int g = 0; g < G; ++g)
+      sc[i][g] = valid ? (COHERENT ? __ldcg(scores_in + (qhead + g) * srow + tok)
+                                   : scores_in[(qhead + g) * srow + tok])
+                       : 0.f;
   }
   if constexpr (WHOLE) {
     // this split's (m, l) per head from its blocks' statistics, in block order
@@ -423,8 +430,9 @@ __device__ __forceinline__ void value_prologue(
       const long long row = (qhead + g) * blocks_per_seq + first;
 #pragma unroll
       for (int j = 0; j < MS; ++j) {
-        bm[j] = j < count ? block_max[row + j] : -INFINITY;
-        bs[j] = j < count ? block_sum[row + j] : 0.f;
+        bm[j] = j < count ? (COHERENT ? __ldcg(block_max + row + j) : block_max[row + j])
+                          : -INFINITY;
+        bs[j] = j < count ? (COHERENT ? __ldcg(block_sum + row + j) : block_sum[row + j]) : 0.f;
       }
       float m = -INFINITY, l = 0.f;
 #pragma unroll

@@ -121,7 +121,9 @@ struct Row<64> {            // 8 channels: 8 hi bytes, 4 mid bytes, 4 lo bytes
 // warp w takes tokens 16w .. 16w+15 of each block, lane (g, tq) its rows 4tq .. 4tq+3 and
 // channels CH*g .. CH*g+CH-1; one mma per (m-tile, n-tile). Epilogue: c0+c1 / c2+c3 per head
 // and channel, summed over the 4 warps through shared memory.
-template <int D, int G, int WS, bool WHOLE = false>
+// COHERENT (the split kernel, akv7::split_whole): the scores and block statistics were
+// written by this CTA earlier in the same kernel, so they are read with ld.global.cg.
+template <int D, int G, int WS, bool WHOLE = false, bool COHERENT = false>
 __device__ __forceinline__ void values(
     const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
     const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
@@ -161,7 +163,7 @@ __device__ __forceinline__ void values(
   const int num_q_heads = num_kv_heads * G;
   const long long qhead = (long long)b * num_q_heads + (long long)h * G;
 
-  akv3::value_prologue<D, G, kMaxSplit, WHOLE>(
+  akv3::value_prologue<D, G, kMaxSplit, WHOLE, COHERENT>(
       b, h, n, first, count, block_table, blocks_per_seq, v_exp, num_kv_heads, full_mode, t8,
       t12, skip, bias, scores_in, stats, o_est, counters, v_tier_map, s_eo, s_phys,
       s_r, s_special, s_tier, [&](int t, int tier, bool special, const float* p) {

@@ -183,7 +183,54 @@ __device__ __forceinline__ void scores(
   }
 }
 
+// ------------------------------------------------------------------------- split kernel
+// The V-whole path's split kernel (akv_decode_split_whole_v7_*; docs/design.md "The
+// V-whole path"): one CTA per (split, KV head, sequence) runs this version's scores kernel
+// over its split, then version 6's V-whole values kernel over the same split, so a call is
+// this launch and akv_decode_combine_rescale instead of three launches: one launch
+// boundary and one prologue fewer, and no CTA of the values phase waits for the last CTA
+// of the scores phase. The scores and block statistics go through the global workspace as
+// between the two kernels (the same values, the same debug output); a CTA reads only what
+// its own threads wrote before the barrier, through coherent loads (value_prologue's
+// COHERENT: ld.global.cg, not the read-only path). Outputs, counters and tier maps equal
+// those of the two kernels run one after the other with the same split (GPU tests).
+// (Prefetching the split's V planes into L2 once its blocks are known was measured
+// slower at every size, 0.5-4.8 us: docs/perf-notes.md, fifteenth session.)
+template <int D, int G, int WS>
+__device__ __forceinline__ void split_whole(
+    const __half* q, long long q_sb, long long q_sh, const int* lengths,
+    const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid,
+    const uint8_t* k_lo, const uint8_t* k_exp, const uint8_t* v_hi, const uint8_t* v_mid,
+    const uint8_t* v_lo, int num_kv_heads, float scale, int full_mode, int t8, int t12,
+    int split_blocks, float* scores_ws, float* block_max, float* block_sum, int* block_arg,
+    float* partial, float* split_stats, unsigned long long* counters, uint8_t* k_tier_map,
+    uint8_t* v_tier_map) {
+  scores<D, G>(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid, k_lo, k_exp,
+               num_kv_heads, scale, full_mode, t8, t12, split_blocks, scores_ws, block_max,
+               block_sum, block_arg, counters, k_tier_map);
+  __syncthreads();                     // this split's scores and block statistics are written
+  akv5::values<D, G, WS, true, true>(
+      lengths, block_table, blocks_per_seq, v_hi, v_mid, v_lo, nullptr, num_kv_heads, 1, 0, 0,
+      0, 0, split_blocks, scores_ws, nullptr, nullptr, partial, counters, v_tier_map, block_max,
+      block_sum, split_stats);
+}
+
 }  // namespace akv7
+
+// The split kernel's entry point (one per head_dim and group).
+#define AKV7_SPLIT_WHOLE_ENTRY(NAME, FN, ...)                                                \
+  extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(                              \
+      const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
+      const int* block_table, int blocks_per_seq, const uint8_t* k_hi, const uint8_t* k_mid, \
+      const uint8_t* k_lo, const uint8_t* k_exp, const uint8_t* v_hi, const uint8_t* v_mid,  \
+      const uint8_t* v_lo, int num_kv_heads, int group, float scale, int full_mode, int t8,  \
+      int t12, int split_blocks, float* scores, float* block_max, float* block_sum,          \
+      int* block_arg, float* partial, float* split_stats, unsigned long long* counters,      \
+      uint8_t* k_tier_map, uint8_t* v_tier_map) {                                            \
+    FN(q, q_sb, q_sh, lengths, block_table, blocks_per_seq, k_hi, k_mid, k_lo, k_exp, v_hi,  \
+       v_mid, v_lo, num_kv_heads, scale, full_mode, t8, t12, split_blocks, scores, block_max, \
+       block_sum, block_arg, partial, split_stats, counters, k_tier_map, v_tier_map);        \
+  }
 
 // Version 7 entry points: the tensor-core scores kernel, version 6's values kernel.
 // Minimum CTAs per SM of version 7's scores kernel: 6 (80 registers), but 9 at head_dim 64
@@ -197,4 +244,6 @@ __device__ __forceinline__ void scores(
                          AKV7_SCORE_MINB(D, G))                                              \
   AKV_SPLIT_VALUES_ENTRY(akv_decode_values_v7_d##D##_g##G, (akv5::values<D, G, WS>), 128, MINB) \
   AKV_SPLIT_VALUES_WHOLE_ENTRY(akv_decode_values_whole_v7_d##D##_g##G,                       \
-                               (akv5::values<D, G, WS, true>), 128, MINB)
+                               (akv5::values<D, G, WS, true>), 128, MINB)                    \
+  AKV7_SPLIT_WHOLE_ENTRY(akv_decode_split_whole_v7_d##D##_g##G, (akv7::split_whole<D, G, WS>), \
+                         128, AKV7_SCORE_MINB(D, G))

@@ -19,16 +19,20 @@ def test_table_has_a_column_per_version_and_the_default_untagged():
                               "akv_full_v6": 0.611, "akv_aligned_v6": 0.488}),
         _row("llama3-8b", 6, {"sdpa_cudnn": 0.129, "sdpa_flash": 0.130, "eager": 0.156,
                               "akv_full": 0.248, "akv_aligned": 0.230,
-                              "akv_full_v3": 0.294, "akv_aligned_v3": 0.286}),
+                              "akv_full_v3": 0.294, "akv_aligned_v3": 0.286,
+                              "akv_whole": 0.201, "akv_whole3": 0.222}),
     ]
     lines = bench.format_table(rows, 4.22e12).splitlines()
     head = lines[1].split()
     assert "v3" in head and "v6" in head          # "algn v3", "algn v6"
     mha, gqa = lines[3].split(), lines[4].split()
-    # columns: shape B ctx cudnn flash eager algn-v3 algn-v6 v full aligned x-cudnn ...
+    # columns: shape B ctx cudnn flash eager algn-v3 algn-v6 v full aligned whole whole3
+    # x-cudnn ...
     assert mha[6:9] == ["0.456", "0.488", "3"] and mha[10] == "0.456"
+    assert mha[11:13] == ["n/a", "n/a"]            # a row without the V-whole timings
     assert gqa[6:9] == ["0.286", "0.230", "6"] and gqa[10] == "0.230"
-    assert gqa[11] == f"{0.129 / 0.230:.2f}"
+    assert gqa[11:13] == ["0.201", "0.222"]
+    assert gqa[13] == f"{0.129 / 0.230:.2f}"
 
 
 @pytest.mark.parametrize("argv,message", [

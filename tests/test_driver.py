@@ -136,6 +136,12 @@ def test_signatures_parse_every_entry_point():
             for v in (3, 5, 6, 7):
                 assert (sigs[f"akv_decode_values_whole_v{v}_d{D}_g{G}"] ==
                         sigs[f"akv_decode_values_v3_d{D}_g{G}"] + ["ptr"] * 3)
+            # the V-whole path's split kernel: the scores kernel's parameters with the three
+            # V planes after the K planes, then partial and split_stats before the counters,
+            # and the V tier map last
+            s3 = sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
+            assert (sigs[f"akv_decode_split_whole_v7_d{D}_g{G}"] ==
+                    s3[:10] + ["ptr"] * 3 + s3[10:21] + ["ptr"] * 2 + s3[21:] + ["ptr"])
             if G <= 4:            # version 4 (staged): same parameters as version 3
                 assert sigs[f"akv_decode_scores_v4_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
                 assert sigs[f"akv_decode_values_v4_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
@@ -277,7 +283,28 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert fake.launches[-1]["args"][-1] == 0x60000
     assert fake.launches[-4]["grid"] == (-(-200 // BLOCK_TOKENS), Hk, B)
     backend.attend(1, q, out, "full", cache.rule, 0, True, False)
-    # full mode: the V-whole path's three launches, no estimate (docs/design.md)
+    # full mode: the V-whole path, by default the split kernel and the combine (no estimate;
+    # docs/design.md)
+    split_kernel, combine = fake.launches[-2:]
+    assert [x["name"] for x in (split_kernel, combine)] == [
+        "akv_decode_split_whole_v7_d64_g3", "akv_decode_combine_rescale"]
+    args = split_kernel["args"]
+    assert len(args) == len(fake.signatures["akv_decode_split_whole_v7_d64_g3"])
+    assert args[:3] == [0x30000, Hq * D, D] and args[16] == 1   # q, full mode
+    nblk = -(-200 // BLOCK_TOKENS)           # the length set above
+    assert args[19] == backend.whole_split(nblk, Hk, B) == combine["args"][4]
+    assert split_kernel["grid"] == (-(-nblk // args[19]), Hk, B)
+    assert split_kernel["block"] == (128, 1, 1)
+    assert args[20:26] == [backend.ws[n].ptr for n in ("scores", "block_max", "block_sum",
+                                                       "block_arg", "partial", "split_stats")]
+    assert args[26] == backend.ws["counters"].ptr and args[27:] == [0, 0]
+    assert combine["args"][-2:] == [backend.ws["split_stats"].ptr, out.ptr]
+    backend.attend(1, q, out, "aligned", cache.rule, 0, False, False, True)   # v_whole
+    assert fake.launches[-2]["name"] == "akv_decode_split_whole_v7_d64_g3"
+    assert fake.launches[-2]["args"][16] == 0 and fake.launches[-2]["args"][26] == 0
+    # without the split kernel (split_whole False): the version's three launches
+    backend.split_whole = False
+    backend.attend(1, q, out, "full", cache.rule, 0, True, False)
     scores, values, combine = fake.launches[-3:]
     assert [x["name"] for x in (scores, values, combine)] == [
         "akv_decode_scores_v4_d64_g3", "akv_decode_values_whole_v4_d64_g3",
@@ -292,6 +319,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
         "akv_decode_scores_v4_d64_g3", "akv_decode_values_whole_v4_d64_g3",
         "akv_decode_combine_rescale"]
     assert fake.launches[-3]["args"][13] == 0
+    backend.split_whole = True
     backend.set_decode_version(1)
     backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
     assert [x["name"] for x in fake.launches[-4:]] == [

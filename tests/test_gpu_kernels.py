@@ -57,6 +57,13 @@ def fused_once(decode_version, fused):
         pytest.skip("the fused kernel is the same under every decode version (run under v3)")
 
 
+def split_kernel_once(decode_version, split_whole):
+    """The V-whole path's split kernel is the same under every decode version >= 3 (and
+    versions 1-2 never run it): run its cases under version 7 only."""
+    if split_whole and decode_version != 7:
+        pytest.skip("the split kernel is the same under every decode version (run under v7)")
+
+
 def uses_fused(gpu, B) -> bool:
     """Whether the CUDA cache's next decode call on layer 0 runs the fused kernel."""
     backend = gpu._backend
@@ -273,15 +280,20 @@ def check_aligned_call(rng, gpu, cpu, D, Hk, Hq, B, n, rule):
                                                 (128, 8, 32, 1, 700, False),
                                                 (64, 1, 8, 1, 700, False)])
 @pytest.mark.parametrize("split", [None, 3, (13, 5)], ids=["auto", "split3", "split13_5"])
-def test_decode_v_whole_matches_reference(rng, D, Hk, Hq, B, n, paged, split):
+@pytest.mark.parametrize("split_whole", [True, False], ids=["split_kernel", "three"])
+def test_decode_v_whole_matches_reference(rng, decode_version, D, Hk, Hq, B, n, paged, split,
+                                          split_whole):
     """The V-whole path (v_rule "never", and "auto" at these sizes: K at its tiers, V at 16
     bits, no estimate; each values split normalised by its own statistics, merged by
-    akv_decode_combine_rescale): K tiers equal to the reference's, every V tier 16,
-    counters equal to the reference's (no estimate rows), outputs within fp32 rounding of
-    the reference's and of float64 attention over the K the tiers read; a second call into
-    a NaN-filled buffer shows nothing of the first."""
+    akv_decode_combine_rescale), through the split kernel (akv_decode_split_whole_v7_*) or
+    the version's scores and values kernels: K tiers equal to the reference's, every V tier
+    16, counters equal to the reference's (no estimate rows), outputs within fp32 rounding
+    of the reference's and of float64 attention over the K the tiers read; a second call
+    into a NaN-filled buffer shows nothing of the first."""
+    split_kernel_once(decode_version, split_whole)
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, v_rule="never")
     gpu._backend.forced_split = split
+    gpu._backend.split_whole = split_whole
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
     q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D)))
          ).astype(np.float16)
@@ -304,6 +316,40 @@ def test_decode_v_whole_matches_reference(rng, D, Hk, Hq, B, n, paged, split):
     q2 = rng.standard_normal((B, Hq, D)).astype(np.float16)
     gpu.attend(0, torch.from_numpy(q2).cuda(), out=out)
     assert R.relative_error(out.cpu().numpy(), cpu.attend(0, q2)) < 1e-3
+
+
+@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 4, 4, 2, 1500, False),
+                                                (64, 3, 9, 2, 2100, True),
+                                                (128, 8, 32, 1, 4096, False),
+                                                (128, 2, 2, 3, 700, True),
+                                                (64, 1, 8, 1, 700, False)])
+@pytest.mark.parametrize("split", [1, 3, 8])
+@pytest.mark.parametrize("mode", ["aligned", "full"])
+def test_split_kernel_equals_the_two_kernels_bit_for_bit(rng, decode_version, D, Hk, Hq, B, n,
+                                                         paged, split, mode):
+    """akv_decode_split_whole_v7_* (version 7's scores and V-whole values kernels in one
+    CTA, the V planes prefetched into L2) against the same two kernels launched one after
+    the other with the same split: the same output bits, counters, K and V tier maps and
+    scores."""
+    if decode_version != 7:
+        pytest.skip("the split kernel is version 7's two kernels (run under v7)")
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, v_rule="never")
+    gpu._backend.forced_split = split
+    _fill(rng, gpu, cpu, B, Hk, D, n)
+    q = torch.from_numpy((rng.standard_normal((B, Hq, D)) *
+                          np.exp2(rng.uniform(-2, 2, (1, 1, D)))).astype(np.float16)).cuda()
+    runs = {}
+    for split_whole in (True, False):
+        gpu._backend.split_whole = split_whole
+        gpu.reset_counters()
+        o, info = gpu.attend(0, q, mode=mode, count=True, debug=True)
+        runs[split_whole] = (o.cpu().numpy(), info, gpu.counters())
+    (o1, i1, c1), (o2, i2, c2) = runs[True], runs[False]
+    assert np.array_equal(o1.view(np.uint16), o2.view(np.uint16))
+    assert c1 == c2
+    for key in ("k_tiers", "v_tiers", "scores"):
+        for a, b in zip(i1[key], i2[key]):
+            assert np.array_equal(a, b), key
 
 
 @pytest.mark.parametrize("n", [70, 900, 4096, 5000, 70000])
@@ -331,12 +377,16 @@ def test_rescaling_combine_same_bits_for_one_or_four_threads_per_channel(rng, mo
 
 
 @pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8)])
-def test_decode_v_whole_follows_fp16_inf_and_nan(rng, D, Hk, Hq):
-    """Inf and NaN in V on the V-whole path: a token of +Inf in a channel makes that
-    channel's output +Inf (positive weights, however small), NaN stays NaN, as in fp16
-    attention; K/V elsewhere finite."""
+@pytest.mark.parametrize("split_whole", [True, False], ids=["split_kernel", "three"])
+def test_decode_v_whole_follows_fp16_inf_and_nan(rng, decode_version, D, Hk, Hq, split_whole):
+    """Inf and NaN in V on the V-whole path (the split kernel, or the version's scores and
+    values kernels): a token of +Inf in a channel makes that channel's output +Inf
+    (positive weights, however small), NaN stays NaN, as in fp16 attention; K/V elsewhere
+    finite."""
+    split_kernel_once(decode_version, split_whole)
     B, n = 1, 300
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, v_rule="never")
+    gpu._backend.split_whole = split_whole
     K, V = kv_like(rng, B, Hk, n, D)
     V[0, 0, 17, 3] = np.inf
     V[0, Hk - 1, 250, 5] = np.nan
