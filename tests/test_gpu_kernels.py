@@ -217,6 +217,7 @@ def check_aligned_call(rng, gpu, cpu, D, Hk, Hq, B, n, rule):
     planes = cpu._backend.layer_planes(0)
     nblk = -(-n // BLOCK_TOKENS)
     counted = np.zeros(8, np.int64)
+    skipped = 0
     for b in range(B):
         blocks = cpu.block_table[b, :nblk]
         # K tiers: an integer function of q and the exponent maxima -> exactly equal
@@ -255,14 +256,18 @@ def check_aligned_call(rng, gpu, cpu, D, Hk, Hq, B, n, rule):
         assert diff.mean() < 1e-3
         counted += R._count_bytes(info["k_tiers"][b], info["v_tiers"][b], n, Hq, nblk, D,
                                   rule)
-        if rule.v_skip is not None:
-            assert (info["v_tiers"][b] == 0).any()      # the skip tier is exercised
+        skipped += int((info["v_tiers"][b] == 0).sum())
         # the output against the reference's aligned output (same tiers, so the same
         # function up to fp32 summation order). How close the seed rule itself stays to
         # float64 is a property of the rule, not of the kernel: on these synthetic inputs it
         # ranged from 1x to 15x plain fp16's error (issue 5), so it is not asserted here.
         ref_o = cpu.attend(0, q, mode="aligned", rule=rule)[b]
         assert R.relative_error(o[b], ref_o) < 2e-3
+    if rule.v_skip is not None:
+        # the skip tier is exercised in this call, in some sequence (per sequence was too
+        # strict: with AKV_TEST_SEED=1847914860077345505, 64 x 1 x 5, 2 x 450 tokens, the
+        # reference skips 14 tokens of sequence 0 and none of sequence 1)
+        assert skipped > 0
     # the kernel's counters equal the bytes implied by the tiers it used
     got = gpu.counters()
     names = ["k_hi_bytes", "k_mid_bytes", "k_lo_bytes", "v_hi_bytes", "v_mid_bytes",
