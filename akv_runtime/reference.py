@@ -12,8 +12,9 @@ numpy                              CUDA entry point
 :func:`decode_attention`           ``akv_decode_scores`` → ``akv_decode_estimate``
                                    → ``akv_decode_values`` → ``akv_decode_combine``;
                                    with ``v_whole`` (and in full mode) the V-whole
-                                   path: ``akv_decode_scores`` →
-                                   ``akv_decode_values_whole`` →
+                                   path: ``akv_decode_split_whole`` (or
+                                   ``akv_decode_scores`` →
+                                   ``akv_decode_values_whole``) →
                                    ``akv_decode_combine_rescale``
 :func:`causal_decode_attention`    the same kernels at every position of a sequence
                                    (teacher forcing, for perplexity), the V rule on
@@ -663,8 +664,8 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
     :func:`k_tiers`, fp32 scores, per-block max/arg-max/sum, global max ``m`` and sum ``l``,
     the V-side estimate ``O_est_d = Σ_{j∈S} p_j |v8_jd|`` over the arg-max tokens of the
     top-``rule.topk`` blocks (hi plane only), V read at :func:`v_tiers`, fp32 output.
-    With ``v_whole`` (and always in ``full`` mode) it is the twin of the V-whole path's three
-    launches (docs/design.md): no estimate (``o_est`` stays zero, its rows are not counted),
+    With ``v_whole`` (and always in ``full`` mode) it is the twin of the V-whole path (the
+    split kernel and the combine, or three launches; docs/design.md): no estimate (``o_est`` stays zero, its rows are not counted),
     every V token at tier 16, no V exponent maxima read; the kernels normalise per split and
     merge the splits, which equals this global softmax up to fp32 rounding.
 

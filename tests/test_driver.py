@@ -425,7 +425,7 @@ def test_fused_kernel_launch(fake):
     assert fake.launches[-1]["grid"] == (8, Hk, B) and fake.launches[-1]["args"][24] == 8
     assert fake.launches[-1]["args"][16] == 0 and fake.launches[-1]["args"][26] == \
         backend.ws["counters"].ptr
-    # V read whole (full mode, or v_whole) never takes the fused kernel: three launches
+    # V read whole (full mode, or v_whole) never takes the fused kernel: the V-whole path
     for mode, whole in (("full", False), ("aligned", True)):
         backend.attend(0, q, out, mode, cache.rule, 0, True, False, whole)
         assert fake.launches[-1]["name"] == "akv_decode_combine_rescale"
