@@ -86,7 +86,8 @@ def test_group_8_shape_is_a_case_not_part_of_the_grid():
 
 @pytest.mark.parametrize("name,value", [("AKV_SPLIT_BLOCKS", "0"),
                                         ("AKV_DECODE_VERSION", "nine"),
-                                        ("AKV_FUSED", "sometimes")])
+                                        ("AKV_FUSED", "sometimes"),
+                                        ("AKV_SPLIT_WHOLE", "2")])
 def test_bad_environment_is_a_usage_error_before_the_gpu_check(name, value, monkeypatch,
                                                                capsys):
     monkeypatch.setenv(name, value)

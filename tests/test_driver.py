@@ -545,6 +545,7 @@ def test_default_decode_version_by_group():
     ("AKV_SPLIT_BLOCKS", "9", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'9'"),
     ("AKV_SPLIT_BLOCKS", "x", r"\$AKV_SPLIT_BLOCKS"),
     ("AKV_FUSED", "yes", r"\$AKV_FUSED: expected 0, 1 or always, got 'yes'"),
+    ("AKV_SPLIT_WHOLE", "always", r"\$AKV_SPLIT_WHOLE: expected 0 or 1, got 'always'"),
 ])
 def test_bad_environment_variables_are_named(fake, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -566,4 +567,9 @@ def test_environment_variables_pick_version_and_split(fake, monkeypatch):
         monkeypatch.setenv("AKV_FUSED", value)
         cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
         assert cache._backend.fused == expected
+        cache.close()
+    for value, expected in (("", True), ("0", False), (" 1 ", True)):
+        monkeypatch.setenv("AKV_SPLIT_WHOLE", value)
+        cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
+        assert cache._backend.split_whole is expected
         cache.close()
