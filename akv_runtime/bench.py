@@ -246,10 +246,11 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     backend = cache._backend
     fused = backend._use_fused(-(-ctx // 64), Hk, batch)
     whole = not cache.v_rule_applies(0)
-    # "path": what a cache runs by default here (v_rule "auto"): the V-whole path's three
-    # launches, the fused kernel, or the four launches of the default version; the untagged
-    # akv_full / akv_aligned time that path, the _vN ones the four launches of version N
-    # with the V rule on every call (v_rule "always")
+    # "path": what a cache runs by default here (v_rule "auto"): the V-whole path (the split
+    # kernel and the combine, or three launches under $AKV_SPLIT_WHOLE=0), the fused kernel,
+    # or the four launches of the default version; the untagged akv_full / akv_aligned time
+    # that path, the _vN ones version N's own kernels: the V rule's four launches on every
+    # call (v_rule "always"), and full mode in its three launches
     result["path"] = "whole" if whole else ("fused" if fused else "four")
     for version in sorted(set(versions) | {default}):
         candidates += [(f"akv_full_v{version}", version, ours("full")),
@@ -264,7 +265,9 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     # (_interleaved_median_ms), so that no candidate is favoured by its place in the run
     graphs, times = {}, {}
     for name, version, fn in candidates:
-        backend.split_whole = version != "whole3"
+        # the default path follows $AKV_SPLIT_WHOLE; "whole" is the split kernel, "whole3"
+        # and version N's own kernels (akv_full_vN) the three launches
+        backend.split_whole = env_split_whole() if version == "default" else version == "whole"
         if version == "default":               # the cache's default path (v_rule "auto")
             backend.fused = env_fused()
             backend.set_decode_version(default)

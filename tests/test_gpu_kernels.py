@@ -330,17 +330,24 @@ def test_decode_v_whole_matches_reference(rng, decode_version, D, Hk, Hq, B, n, 
                                                 (64, 1, 8, 1, 700, False)])
 @pytest.mark.parametrize("split", [1, 3, 8])
 @pytest.mark.parametrize("mode", ["aligned", "full"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["even", "ragged"])
 def test_split_kernel_equals_the_two_kernels_bit_for_bit(rng, decode_version, D, Hk, Hq, B, n,
-                                                         paged, split, mode):
+                                                         paged, split, mode, ragged):
     """akv_decode_split_whole_v7_* (version 7's scores and V-whole values kernels in one
-    CTA, the V planes prefetched into L2) against the same two kernels launched one after
-    the other with the same split: the same output bits, counters, K and V tier maps and
-    scores."""
+    CTA) against the same two kernels launched one after the other with the same split: the
+    same output bits, counters, K and V tier maps and scores; also over a ragged batch,
+    where a short sequence's CTAs past its blocks return from both phases."""
     if decode_version != 7:
         pytest.skip("the split kernel is version 7's two kernels (run under v7)")
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, v_rule="never")
     gpu._backend.forced_split = split
-    _fill(rng, gpu, cpu, B, Hk, D, n)
+    if ragged:      # the last sequence n tokens, the others fewer (the first a single one)
+        lengths = [n if b == B - 1 else max(1, n * b // B) for b in range(B)]
+        K, V = kv_like(rng, B, Hk, n, D)
+        gpu.append(0, torch.from_numpy(K).cuda(), torch.from_numpy(V).cuda(), counts=lengths)
+        assert gpu.lengths(0).tolist() == lengths
+    else:
+        _fill(rng, gpu, cpu, B, Hk, D, n)
     q = torch.from_numpy((rng.standard_normal((B, Hq, D)) *
                           np.exp2(rng.uniform(-2, 2, (1, 1, D)))).astype(np.float16)).cuda()
     runs = {}
