@@ -20,9 +20,11 @@ The bindings are those of NVIDIA's cuda-python (``cuda.bindings.driver``); tests
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,8 @@ else:
 
 #: Where build.py writes the cubins and manifest (override with $AKV_CUBIN_DIR).
 DEFAULT_CUBIN_DIR = Path(__file__).resolve().parent.parent / "build" / "cubin"
+#: The kernel sources build.py compiles: a checkout's cuda/ (absent beside an installed wheel)
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
 BUILD_HINT = "python build.py --arch sm_{cc}"
 
 
@@ -60,6 +64,10 @@ class CudaError(RuntimeError):
 
 class NoCubinError(RuntimeError):
     """No cubin was built for the device's compute capability."""
+
+
+class StaleCubinWarning(UserWarning):
+    """The cubins were built from other kernel sources than the checkout's cuda/ holds now."""
 
 
 def _decode(text) -> str:
@@ -324,13 +332,36 @@ class Module:
 _modules: dict = {}
 
 
+def stale_sources(manifest: dict, source_dir: Path | None = None) -> list[str]:
+    """The kernel sources (``*.cu`` and ``*.cuh`` in ``source_dir``, default the checkout's
+    cuda/, :data:`SOURCE_DIR`) whose sha256 is not the one build.py recorded in
+    ``manifest["sources"]`` (changed, or new since the build), sorted by name. [] where the
+    manifest records no sources or the directory does not exist (an installed package)."""
+    recorded = manifest.get("sources")
+    directory = SOURCE_DIR if source_dir is None else Path(source_dir)
+    if not isinstance(recorded, dict) or not directory.is_dir():
+        return []
+    return [p.name for p in sorted(directory.iterdir())
+            if p.suffix in (".cu", ".cuh") and
+            recorded.get(p.name) != hashlib.sha256(p.read_bytes()).hexdigest()]
+
+
 def load_module(device: Device, stem: str = "akv", directory: Path | None = None) -> Module:
-    """Load ``<stem>.cubin`` for ``device``'s compute capability (cached per device)."""
+    """Load ``<stem>.cubin`` for ``device``'s compute capability (cached per device).
+
+    Warns (:class:`StaleCubinWarning`, naming the files and the build command) where the
+    checkout's kernel sources differ from those the manifest records: a kernel added since
+    the build would otherwise surface as CUDA_ERROR_NOT_FOUND from cuModuleGetFunction."""
     key = (device.ordinal, stem)
     mod = _modules.get(key)
     if mod is None:
         directory = cubin_dir() if directory is None else Path(directory)
         manifest = load_manifest(directory)
+        stale = stale_sources(manifest)
+        if stale:
+            warnings.warn(f"the cubins in {directory} were built from other kernel sources "
+                          f"than cuda/ holds now ({', '.join(stale)} changed or new): run "
+                          f"`python build.py`", StaleCubinWarning, stacklevel=2)
         archs = {a for a, files in manifest.get("architectures", {}).items()
                  if f"{stem}.cubin" in files}
         arch = select_arch(archs, device.compute_capability)

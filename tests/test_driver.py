@@ -1,7 +1,9 @@
 """CPU tests of the driver layer and the CUDA backend's launches, through a fake driver."""
 
 import ctypes
+import hashlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -78,6 +80,41 @@ def test_device_and_module_selection_with_fake_driver(fake):
         mod.function("no_such_kernel")
     with pytest.raises(ValueError, match="device_id"):
         driver.get_device(3)
+
+
+def test_stale_sources_names_changed_and_new_kernel_files(tmp_path):
+    src = tmp_path / "cuda"
+    src.mkdir()
+    (src / "a.cu").write_text("kernel a")
+    (src / "b.cuh").write_text("header b")
+    (src / "notes.txt").write_text("not a kernel source")
+    recorded = {n: hashlib.sha256((src / n).read_bytes()).hexdigest() for n in ("a.cu", "b.cuh")}
+    manifest = {"sources": recorded}
+    assert driver.stale_sources(manifest, src) == []
+    (src / "b.cuh").write_text("header b, edited")
+    (src / "c.cu").write_text("a kernel added since the build")
+    assert driver.stale_sources(manifest, src) == ["b.cuh", "c.cu"]
+    # nothing to compare: no recorded sources, or no cuda/ beside the package
+    assert driver.stale_sources({}, src) == []
+    assert driver.stale_sources(manifest, tmp_path / "missing") == []
+
+
+def test_cubins_built_from_other_sources_warn_on_load(fake, tmp_path, monkeypatch):
+    src = tmp_path / "cuda"
+    src.mkdir()
+    (src / "akv.cu").write_text("the kernels as they are now")
+    monkeypatch.setattr(driver, "SOURCE_DIR", src)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["sources"] = {"akv.cu": "0" * 64}          # built from other sources
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(driver.StaleCubinWarning, match=r"akv\.cu changed or new.*python build\.py"):
+        driver.load_module(driver.get_device(0))
+    driver._reset_for_tests()
+    manifest["sources"] = {"akv.cu": hashlib.sha256((src / "akv.cu").read_bytes()).hexdigest()}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # up to date: no warning
+        assert driver.load_module(driver.get_device(0)).arch == "sm_90"
 
 
 def test_no_matching_cubin_is_a_clear_error(monkeypatch, fake):
