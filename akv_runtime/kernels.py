@@ -562,24 +562,16 @@ class CudaBackend:
             smem = fused_smem_bytes(D, Hq // Hk, bpc)
             return [("fused", lambda: go(self.k_fused, (cluster, Hk, B), (FUSED_THREADS,),
                                          plan.fused, stream, smem, cluster))]
-        if whole and self.decode_version >= 3 and self.split_whole:
-            # the V-whole path in two launches: the split kernel, then the combine
-            split = self.whole_split(nblk, Hk, B)
-            splits = -(-nblk // split)
-            plan = self._plan(layer, mode, rule, count, k_map, v_map, whole="split")
-            plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
-            plan.split.value = split
-            plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
-            chains = combine_chains(splits, Hq * B, D, self.dev.multiprocessors)
-            return [
-                ("split", lambda: go(self.k_split_whole, (splits, Hk, B), (SCORE_THREADS,),
-                                     plan.split_whole, stream, 0)),
-                ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
-                                       plan.combine, stream)),
-            ]
-        score_split, split = self.splits(nblk, Hk, B)
+        # the V-whole path in two launches (the split kernel, then the combine) takes the
+        # split kernel's own split for both of its phases
+        split_kernel = whole and self.decode_version >= 3 and self.split_whole
+        if split_kernel:
+            score_split = split = self.whole_split(nblk, Hk, B)
+        else:
+            score_split, split = self.splits(nblk, Hk, B)
         score_splits, splits = -(-nblk // score_split), -(-nblk // split)
-        plan = self._plan(layer, mode, rule, count, k_map, v_map, whole=whole)
+        plan = self._plan(layer, mode, rule, count, k_map, v_map,
+                          whole="split" if split_kernel else whole)
         plan.q_ptr.value, plan.out_ptr.value = q_info.ptr, out_ptr
         plan.score_split.value, plan.split.value = score_split, split
         plan.q_sb.value, plan.q_sh.value = q_info.strides[0], q_info.strides[1]
@@ -587,12 +579,17 @@ class CudaBackend:
         scores = ("scores", lambda: go(self.k_scores, (score_splits, Hk, B), (SCORE_THREADS,),
                                        plan.scores, stream, self.scores_smem))
         if whole and self.decode_version >= 3:
+            rescale = ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
+                                             plan.combine, stream))
+            if split_kernel:
+                return [("split", lambda: go(self.k_split_whole, (splits, Hk, B),
+                                             (SCORE_THREADS,), plan.split_whole, stream, 0)),
+                        rescale]
             return [
                 scores,
                 ("values", lambda: go(self.k_values_whole, (splits, Hk, B), (VALUE_THREADS,),
                                       plan.values, stream, self.values_smem)),
-                ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
-                                       plan.combine, stream)),
+                rescale,
             ]
         estimate = self._estimate_launch(nblk, Hq, B)
         return [

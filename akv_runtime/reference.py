@@ -665,8 +665,9 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
     the V-side estimate ``O_est_d = Σ_{j∈S} p_j |v8_jd|`` over the arg-max tokens of the
     top-``rule.topk`` blocks (hi plane only), V read at :func:`v_tiers`, fp32 output.
     With ``v_whole`` (and always in ``full`` mode) it is the twin of the V-whole path (the
-    split kernel and the combine, or three launches; docs/design.md): no estimate (``o_est`` stays zero, its rows are not counted),
-    every V token at tier 16, no V exponent maxima read; the kernels normalise per split and
+    split kernel and the combine, or three launches; docs/design.md): no estimate
+    (``o_est`` stays zero, its rows are not counted), every V token at tier 16, no V
+    exponent maxima read; the kernels normalise per split and
     merge the splits, which equals this global softmax up to fp32 rounding.
 
     Parameters
