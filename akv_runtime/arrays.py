@@ -60,12 +60,19 @@ def describe(x, name: str) -> ArrayInfo:
     ------
     TypeError
         If ``x`` is not a numpy array, a torch tensor or a DLPack / CUDA Array Interface
-        object.
+        object; or is a numpy masked array (its mask would be ignored) or a torch tensor
+        that is not strided (sparse, ...).
     """
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a numpy masked array (its mask "
+                        f"would be ignored)")
     if isinstance(x, np.ndarray):
         strides = tuple(s // x.itemsize for s in x.strides)
         return ArrayInfo(tuple(x.shape), strides, x.dtype, str(x.dtype), "cpu", -1, 0, x)
     if is_torch_tensor(x):
+        if str(getattr(x, "layout", "torch.strided")) != "torch.strided":
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout "
+                            f"{str(x.layout).replace('torch.', '')}")
         dev = x.device
         dtype_name = str(x.dtype)
         return ArrayInfo(tuple(x.shape), tuple(x.stride()), _TORCH_DTYPES.get(dtype_name),

@@ -131,6 +131,10 @@ class AlignedKVCache:
     ValueError
         For impossible shapes (head counts that do not divide, unsupported head_dim, a block
         table out of range) or ``backend="cuda"`` on a machine without one.
+    MemoryError
+        The numpy backend's planes (or a block table) do not fit in host memory; the message
+        gives the size and the arguments that set it. On CUDA, a failed device allocation
+        raises ``driver.CudaError`` (CUDA_ERROR_OUT_OF_MEMORY).
     """
 
     def __init__(self, num_layers, num_kv_heads, head_dim, max_seq_len, *,
@@ -186,7 +190,10 @@ class AlignedKVCache:
             num_blocks = hi + 1 if num_blocks is None else _positive_int("num_blocks",
                                                                          num_blocks)
             limit = min(num_blocks, 2**31 - 1)
-            if lo < 0 or hi >= limit:
+            if lo < 0:
+                raise ValueError(f"block_table: entries must be >= 0 (physical block "
+                                 f"numbers), got {lo}")
+            if hi >= limit:
                 raise ValueError(f"block_table: entries must lie in [0, {limit})")
             # a copy: the cache checks the table once, so a later change to the caller's
             # array must not reach it (np.ascontiguousarray would keep an int32 array as is)
@@ -207,6 +214,7 @@ class AlignedKVCache:
         table.flags.writeable = False        # checked once: read-only from here on
         self._block_table = table
         self._lengths = np.zeros((num_layers, batch_size), np.int64)
+        self._closed = False
 
         if backend == "auto":
             reason = cuda_unavailable_reason()
@@ -265,7 +273,7 @@ class AlignedKVCache:
         """Tokens held per sequence: int64 ``[batch]`` for ``layer``, or ``[L, batch]``."""
         if layer is None:
             return self._lengths.copy()
-        return self._lengths[self._check_layer(layer)].copy()
+        return self._lengths[self._check_layer(layer, need_open=False)].copy()
 
     # ----------------------------------------------------------------- checks
     @property
@@ -275,7 +283,14 @@ class AlignedKVCache:
         replaced; the GPU holds the same copy)."""
         return self._block_table
 
-    def _check_layer(self, layer):
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the cache is closed: its device buffers were freed (close() or "
+                             "the end of a with-block); make a new cache")
+
+    def _check_layer(self, layer, need_open: bool = True):
+        if need_open:
+            self._check_open()
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
         if not 0 <= layer < self.num_layers:
@@ -446,7 +461,9 @@ class AlignedKVCache:
         Returns
         -------
         (K, V) : float16 numpy [kv_heads, length, head_dim]; at tier 16 bit-identical to what
-        was appended.
+        was appended. At tier 8 or 12 the bits not read take their range's midpoint (mid
+        nibble 0x8 and lo nibble 0, or lo nibble 0x8), as the kernels assemble them
+        (docs/design.md); Inf stays Inf.
         """
         layer = self._check_layer(layer)
         if isinstance(sequence, bool) or not isinstance(sequence, (int, np.integer)):
@@ -491,22 +508,30 @@ class AlignedKVCache:
     def counters(self) -> dict:
         """Bytes read per plane since the last :meth:`reset_counters`, counted by the kernel
         (``count=True`` calls only), plus ``bits_per_value`` {k, v, total}."""
+        self._check_open()
         raw = self._backend.read_counters()
         out = {n: int(c) for n, c in zip(COUNTER_NAMES, raw)}
         out["bits_per_value"] = reference.bits_per_value(raw)
         return out
 
     def reset_counters(self) -> None:
+        self._check_open()
         self._backend.reset_counters()
 
     def reset(self) -> None:
         """Forget every token (lengths to zero); the planes are overwritten by later appends."""
+        self._check_open()
         self._backend.reset_lengths()
         self._lengths[:] = 0
 
     def close(self) -> None:
-        """Free the device buffers now (also done when the cache is collected)."""
-        self._backend.close()
+        """Free the device buffers now (also done when the cache is collected); a buffer that
+        a DLPack consumer still views is freed when the last such view is collected. After
+        this every method but ``close``, ``lengths`` and the properties raises ValueError
+        (the kernels would otherwise run on freed memory). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
 
     def __enter__(self):
         return self

@@ -1,8 +1,9 @@
 """Device allocations owned by the runtime, exported zero-copy through DLPack.
 
 :class:`DeviceBuffer` owns one ``cuMemAlloc`` allocation and frees it on :meth:`close` or
-collection (never raising from ``__del__``). :class:`DeviceArray` is a typed, shaped view of
-part of a buffer; its ``__dlpack__``/``__dlpack_device__`` are cuda.core's
+collection (never raising from ``__del__``); while DLPack consumers still view it, ``close``
+defers the free to the last consumer's collection. :class:`DeviceArray` is a typed, shaped
+view of part of a buffer; its ``__dlpack__``/``__dlpack_device__`` are cuda.core's
 (:class:`cuda.core.utils.StridedMemoryView` over a non-owning :class:`cuda.core.Buffer`
 that keeps the owner alive), so ``torch.from_dlpack(array)`` or ``cupy.from_dlpack(array)``
 views the same memory with the right dtype and shape (DESIGN.md section 6).
@@ -10,23 +11,57 @@ views the same memory with the right dtype and shape (DESIGN.md section 6).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from . import driver
 
 
+class _Export:
+    """The owner handed to cuda.core for one DLPack export (keeps its array alive)."""
+
+    def __init__(self, array):
+        self.array = array
+
+
 class DeviceBuffer:
-    """``nbytes`` of device memory on ``device`` (a :class:`driver.Device`), zero-filled."""
+    """``nbytes`` of device memory on ``device`` (a :class:`driver.Device`), zero-filled.
+
+    ``ptr`` is 0 once the memory is freed."""
 
     def __init__(self, device, nbytes: int, zero: bool = True):
         self.device = device
         self.nbytes = int(nbytes)
         self.ptr = driver.mem_alloc(self.nbytes)
+        self.live_exports = 0       # DLPack exports whose consumers may still read the memory
+        self.closing = False        # close() was called while some were alive
         if zero:
             driver.memset8(self.ptr, 0, self.nbytes)
             driver.synchronize()
 
+    def export(self, array) -> _Export:
+        """An owner object for one DLPack export of ``array`` (a view of this buffer); the
+        memory stays allocated until every such object has been collected."""
+        token = _Export(array)
+        self.live_exports += 1
+        weakref.finalize(token, self._export_ended)
+        return token
+
+    def _export_ended(self) -> None:
+        self.live_exports -= 1
+        if self.closing and self.live_exports == 0:
+            self._free()
+
     def close(self) -> None:
+        """Free the memory now, or, while DLPack consumers still view it, when the last of
+        them is collected (their views stay valid; the buffer's owner must not use it)."""
+        if self.live_exports:
+            self.closing = True
+            return
+        self._free()
+
+    def _free(self) -> None:
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
             try:
@@ -36,7 +71,7 @@ class DeviceBuffer:
 
     def __del__(self):
         try:
-            self.close()
+            self._free()    # no export is alive: each one holds this buffer
         except Exception:  # noqa: BLE001 - never raise from __del__
             pass
 
@@ -75,7 +110,9 @@ class DeviceArray:
     def _view(self):
         from cuda.core import Buffer
         from cuda.core.utils import StridedMemoryView
-        buffer = Buffer.from_handle(self.ptr, self.nbytes, owner=self)
+        if not self.owner.ptr or self.owner.closing:
+            raise ValueError("this device array's memory was freed (its cache was closed)")
+        buffer = Buffer.from_handle(self.ptr, self.nbytes, owner=self.owner.export(self))
         return StridedMemoryView.from_buffer(buffer, self.shape, dtype=self.dtype)
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):

@@ -76,6 +76,11 @@ def cache(rng):
      "counts: expected integers, got timedelta64"),
     (lambda c, K, V, q: c.append(0, K, V, counts=np.ma.array([1, 2], mask=[0, 1])), TypeError,
      "counts: expected a plain integer array, got a masked array"),
+    # a masked K would have its mask ignored (every row appended)
+    (lambda c, K, V, q: c.append(0, np.ma.masked_array(K, mask=True), V), TypeError,
+     "k: expected a plain array, got a numpy masked array"),
+    (lambda c, K, V, q: c.attend(0, np.ma.masked_array(q)), TypeError,
+     "q: expected a plain array, got a numpy masked array"),
     # one sequence past the capacity: named, and nothing is written to the other either
     (lambda c, K, V, q: c.append(0, np.concatenate([K] * 3, 2), np.concatenate([V] * 3, 2),
                                  counts=[1, 190]), ValueError,
@@ -136,6 +141,8 @@ def test_host_dlpack_objects_are_read_in_place(cache, rng):
     (dict(block_table=np.zeros((2, 4), np.int32)), "block_table: a physical block"),
     (dict(block_table=np.arange(4).reshape(2, 2)), r"block_table: expected shape \[2, >= 4\]"),
     (dict(block_table=np.arange(8).reshape(2, 4), num_blocks=5), r"entries must lie in \[0, 5\)"),
+    (dict(block_table=np.arange(8).reshape(2, 4) - 1), r"block_table: entries must be >= 0 "
+                                                       r"\(physical block numbers\), got -1"),
     # entries past int32 are refused, not wrapped by the int32 copy
     (dict(block_table=np.arange(8, dtype=np.int64).reshape(2, 4) + 2**32),
      r"block_table: entries must lie in \[0, 2147483647\)"),
@@ -392,3 +399,36 @@ def test_v_whole_call_reads_v_whole_and_skips_the_estimate(rng):
         # the V-whole output is at least as close to float64 as the V rule's (V exact)
         assert R.relative_error(auto[0][b], exact) <= 1.05 * R.relative_error(always[0][b],
                                                                              exact) + 1e-4
+
+
+def test_sparse_torch_tensors_are_refused_by_name(cache, rng):
+    torch = pytest.importorskip("torch")
+    K, V = kv(rng, 2, 2, 3, 64)
+    snap = snapshot(cache)
+    with pytest.raises(TypeError, match="v: expected a dense \\(strided\\) tensor, got layout "
+                                        "sparse_coo"):
+        cache.append(0, torch.from_numpy(K), torch.from_numpy(V).to_sparse())
+    assert_unchanged(cache, snap)
+
+
+def test_a_closed_cache_refuses_every_call(cache, rng):
+    """close() (or the end of a with-block) frees the buffers; later calls raise ValueError
+    instead of running on freed memory; lengths() and close() still work."""
+    K, V = kv(rng, 2, 2, 3, 64)
+    q = rng.standard_normal((2, 4, 64)).astype(np.float16)
+    lengths = cache.lengths()
+    cache.close()
+    calls = [lambda: cache.append(0, K, V), lambda: cache.attend(0, q),
+             lambda: cache.read(0, 0), lambda: cache.plane("k_hi", 0), lambda: cache.v_lo(1),
+             cache.counters, cache.reset_counters, cache.reset,
+             lambda: cache.v_rule_applies(0)]
+    for call in calls:
+        with pytest.raises(ValueError, match="the cache is closed"):
+            call()
+    assert np.array_equal(cache.lengths(), lengths)
+    assert np.array_equal(cache.lengths(0), lengths[0])
+    cache.close()                                        # idempotent
+    with AlignedKVCache(1, 2, 64, 64, backend="numpy") as other:
+        other.append(0, *kv(rng, 1, 2, 5, 64))
+    with pytest.raises(ValueError, match="the cache is closed"):
+        other.read(0, 0)

@@ -206,6 +206,29 @@ def _info(shape, strides, ptr, dtype=np.float16):
                      "cuda", 0, ptr, None)
 
 
+def test_close_keeps_memory_that_a_dlpack_consumer_still_views(fake):
+    """cache.close() frees a buffer at once, except one that a DLPack export still views:
+    that one is freed when the last export's owner object is collected; no new export of a
+    closed cache's array is made."""
+    import gc
+    cache = AlignedKVCache(2, 2, 64, 128, backend="cuda")
+    arr = cache.plane("k_hi", 1)
+    planes, ws = arr.owner, cache._backend.ws["lengths"].owner
+    address = planes.ptr
+    token = planes.export(arr)               # what DeviceArray.__dlpack__ hands to cuda.core
+    assert planes.live_exports == 1 and token.array is arr
+    cache.close()
+    assert ws.ptr == 0                        # no export: freed now
+    assert planes.ptr == address and address in fake.allocations
+    with pytest.raises(ValueError, match="memory was freed"):
+        arr.__dlpack__()
+    del token
+    gc.collect()
+    assert planes.ptr == 0 and address not in fake.allocations
+    with pytest.raises(ValueError, match="memory was freed"):
+        arr.__dlpack__()
+
+
 def test_ragged_append_launches_one_sequence_at_a_time(fake):
     """append(counts=...) with counts that differ: one akv_append launch per sequence with a
     count > 0, every per-sequence pointer (K, V, lengths, arrival count, block-table row)

@@ -544,6 +544,28 @@ def test_dlpack_exports_same_memory():
     assert gpu._backend.host_planes(1)["v_hi"][0, 0, 0, 0] == 0x3C
 
 
+def test_a_dlpack_view_outlives_close():
+    """close() frees the buffers, except one a torch view still uses: the view keeps reading
+    the planes, the closed cache refuses calls, and the memory goes with the last view."""
+    import gc
+    gpu = AlignedKVCache(1, 2, 64, 128, backend="cuda")
+    K, V = kv_like(np.random.default_rng(), 1, 2, 70, 64)
+    gpu.append(0, torch.from_numpy(K).cuda(), torch.from_numpy(V).cuda())
+    expected = gpu._backend.host_planes(0)["k_hi"].copy()
+    arr = gpu.k_hi(0)
+    t = torch.from_dlpack(arr)
+    buf = arr.owner
+    assert buf.live_exports >= 1
+    gpu.close()
+    assert buf.ptr != 0 and buf.closing
+    assert np.array_equal(t.cpu().numpy(), expected)
+    with pytest.raises(ValueError, match="the cache is closed"):
+        gpu.attend(0, torch.zeros(1, 2, 64, dtype=torch.float16, device="cuda"))
+    del t
+    gc.collect()
+    assert buf.ptr == 0 and buf.live_exports == 0
+
+
 @pytest.mark.parametrize("fused", [False, "always"], ids=["four", "fused"])
 def test_launch_on_non_default_stream(rng, decode_version, fused):
     fused_once(decode_version, fused)

@@ -247,3 +247,47 @@ def test_strict_cache_serves_exact_requests(rng):
         strict_cache.strict = 1
     with pytest.raises(TypeError, match="strict: expected a bool"):
         hf.AlignedCache.for_model(model, 32, backend="numpy", strict="no")
+
+
+def test_a_model_left_on_another_attention_is_refused_before_the_next_append(rng):
+    """The cache hands back only the fresh K/V, so a model still on stock SDPA would attend
+    to its newest token alone: the second layer's update raises, naming the fix, and
+    appends nothing; after use_aligned_attention and reset the same cache serves."""
+    model = tiny_llama(seed_of(rng), 4, 2)                  # not switched
+    store = AlignedKVCache(2, 2, 64, 64, num_query_heads=4, backend="numpy")
+    cache = hf.AlignedCache(store, mode="full")
+    ids = random_ids(rng, 12)
+    with pytest.raises(hf.UnsupportedByAlignedCache, match="use_aligned_attention"):
+        with torch.inference_mode():
+            hf.forward(model, ids[:, :8], cache)
+    assert store.lengths(0).tolist() == [8] and store.lengths(1).tolist() == [0]
+    cache.reset()
+    hf.use_aligned_attention(model)
+    base = teacher_forced_logits(model, ids, DynamicCache(), 8)
+    aligned = teacher_forced_logits(model, ids, cache, 8)
+    assert float((aligned - base).norm() / base.norm()) < 2e-3
+
+
+def test_for_model_switches_the_model_to_the_aligned_attention(rng):
+    """The README's spelling, AlignedCache.for_model + past_key_values, with no other call:
+    every decode step of every layer goes through the cache's attend."""
+    import warnings
+    model = tiny_llama(seed_of(rng), 4, 2)
+    ids = random_ids(rng, 10)
+    calls = []
+    cache = hf.AlignedCache.for_model(model, 32, backend="numpy",
+                                      observer=lambda *a: calls.append(a[1]))
+    assert model.config._attn_implementation == hf.ATTENTION_NAME
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", FutureWarning)  # renamed to `cache` in 5.24
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             do_sample=False, past_key_values=cache, pad_token_id=0)
+    steps = out.shape[1] - 11                         # the first new token comes from prefill
+    assert steps >= 1 and calls == [0, 1] * steps
+    assert int(cache.store.lengths(0)[0]) == out.shape[1] - 1
+
+
+def test_unknown_mode_is_refused_when_the_cache_is_built():
+    store = AlignedKVCache(1, 1, 64, 64, backend="numpy")
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        hf.AlignedCache(store, mode="bogus")

@@ -42,7 +42,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import AlignedKVCache, check_bool
-from ..reference import SEED_RULE
+from ..reference import MODES, SEED_RULE
 
 #: The attention implementation name registered with transformers.
 ATTENTION_NAME = "akv_aligned"
@@ -131,10 +131,18 @@ class AlignedCache(Cache):
         attention from the same planes, whatever ``mode`` says. An attribute, so a caller
         can switch it between requests (or steps) on one cache. Default ``False``.
 
+    The model must run the ``akv_aligned`` attention (:func:`use_aligned_attention`;
+    :meth:`for_model` switches it): ``update`` hands back only the fresh K/V, so under any
+    other attention a decode step would attend to its own token alone. A cache whose K/V
+    were not taken by that attention raises :class:`UnsupportedByAlignedCache` at the next
+    ``update``, before appending.
+
     Raises
     ------
     TypeError
         ``strict`` or ``count`` is not a bool.
+    ValueError
+        ``mode`` is not one of ``("aligned", "full")``.
     """
 
     def __init__(self, store: AlignedKVCache, *, count: bool = False, observer=None,
@@ -142,6 +150,8 @@ class AlignedCache(Cache):
         super().__init__(layers=[AlignedLayer(store, i) for i in range(store.num_layers)])
         self.store = store
         self.count = check_bool("count", count)
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.observer = observer
         self.mode = mode
         self.strict = strict
@@ -160,7 +170,9 @@ class AlignedCache(Cache):
                   v_rule: str = "auto", backend: str = "auto", **kwargs) -> "AlignedCache":
         """An empty cache with the model's attention shapes (backend ``cuda`` when the model
         is on a GPU and ``auto`` is asked); ``rule`` and ``v_rule`` as
-        :class:`~akv_runtime.cache.AlignedKVCache` takes them."""
+        :class:`~akv_runtime.cache.AlignedKVCache` takes them. Switches ``model`` to the
+        ``akv_aligned`` attention (:func:`use_aligned_attention`), under which stock caches
+        still get transformers' SDPA."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
         heads = config.num_attention_heads
@@ -171,7 +183,9 @@ class AlignedCache(Cache):
                                getattr(config, "num_key_value_heads", None) or heads, head_dim,
                                max_seq_len, num_query_heads=heads, batch_size=batch_size,
                                rule=rule, v_rule=v_rule, backend=backend)
-        return cls(store, **kwargs)
+        cache = cls(store, **kwargs)
+        use_aligned_attention(model)
+        return cache
 
     # transformers calls update(key_states, value_states, layer_idx, ...)
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -183,6 +197,15 @@ class AlignedCache(Cache):
         if batch != store.batch_size:
             raise UnsupportedByAlignedCache(f"batch of {batch} sequences, the cache was made "
                                             f"for {store.batch_size}")
+        pending = getattr(_handoff, "pending", None)
+        if pending is not None and pending[0] is self:
+            _handoff.pending = None
+            raise UnsupportedByAlignedCache(
+                f"layer {pending[1]}'s K/V were not taken by the {ATTENTION_NAME!r} attention, so "
+                f"its decode steps would attend to the newest token alone: call "
+                f"akv_runtime.integrations.hf.use_aligned_attention(model) (or build the cache "
+                f"with AlignedCache.for_model(model, ...)), then cache.reset() and generate "
+                f"again")
         start = int(store.lengths(layer_idx).max())
         if new > 1 and start > 0:
             raise UnsupportedByAlignedCache(
@@ -211,6 +234,9 @@ class AlignedCache(Cache):
         return self.store.batch_size
 
     def reset(self) -> None:
+        pending = getattr(_handoff, "pending", None)
+        if pending is not None and pending[0] is self:
+            _handoff.pending = None
         self.store.reset()
 
     # ---------------------------------------------------------------- decode
