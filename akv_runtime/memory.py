@@ -11,6 +11,7 @@ views the same memory with the right dtype and shape (DESIGN.md section 6).
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -35,7 +36,8 @@ class DeviceBuffer:
         self.nbytes = int(nbytes)
         self.ptr = driver.mem_alloc(self.nbytes)
         self.live_exports = 0       # DLPack exports whose consumers may still read the memory
-        self.closing = False        # close() was called while some were alive
+        self.closing = False        # close() was called (the memory goes with the last export)
+        self._lock = threading.Lock()
         if zero:
             driver.memset8(self.ptr, 0, self.nbytes)
             driver.synchronize()
@@ -43,27 +45,35 @@ class DeviceBuffer:
     def export(self, array) -> _Export:
         """An owner object for one DLPack export of ``array`` (a view of this buffer); the
         memory stays allocated until every such object has been collected."""
-        token = _Export(array)
-        self.live_exports += 1
-        weakref.finalize(token, self._export_ended)
+        with self._lock:
+            if not self.ptr or self.closing:
+                raise ValueError("this device array's memory was freed (its cache was closed)")
+            token = _Export(array)
+            self.live_exports += 1
+        # not at interpreter exit: a view may still be read by a later exit hook
+        weakref.finalize(token, self._export_ended).atexit = False
         return token
 
     def _export_ended(self) -> None:
-        self.live_exports -= 1
-        if self.closing and self.live_exports == 0:
+        with self._lock:
+            self.live_exports -= 1
+            free = self.closing and self.live_exports == 0
+        if free:
             self._free()
 
     def close(self) -> None:
         """Free the memory now, or, while DLPack consumers still view it, when the last of
         them is collected (their views stay valid; the buffer's owner must not use it)."""
-        if self.live_exports:
-            self.closing = True
-            return
+        with self._lock:
+            self.closing = True           # no new export from here on
+            if self.live_exports:
+                return
         self._free()
 
     def _free(self) -> None:
-        if self.ptr:
+        with self._lock:
             ptr, self.ptr = self.ptr, 0
+        if ptr:
             try:
                 driver.mem_free(ptr)
             except Exception:  # noqa: BLE001 - at shutdown the context may be gone
@@ -108,11 +118,10 @@ class DeviceArray:
         return self.owner.device.ordinal
 
     def _view(self):
+        token = self.owner.export(self)          # ValueError once the memory is freed
         from cuda.core import Buffer
         from cuda.core.utils import StridedMemoryView
-        if not self.owner.ptr or self.owner.closing:
-            raise ValueError("this device array's memory was freed (its cache was closed)")
-        buffer = Buffer.from_handle(self.ptr, self.nbytes, owner=self.owner.export(self))
+        buffer = Buffer.from_handle(self.ptr, self.nbytes, owner=token)
         return StridedMemoryView.from_buffer(buffer, self.shape, dtype=self.dtype)
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
@@ -128,6 +137,8 @@ class DeviceArray:
 
     def to_numpy(self, stream: int = 0) -> np.ndarray:
         """Copy to the host after ``stream``'s work (tests and debug read-backs)."""
+        if not self.owner.ptr:
+            raise ValueError("this device array's memory was freed (its cache was closed)")
         host = np.empty(self.shape, self.dtype)
         driver.copy_to_host(host, self.ptr, stream)
         return host

@@ -229,6 +229,31 @@ def test_close_keeps_memory_that_a_dlpack_consumer_still_views(fake):
         arr.__dlpack__()
 
 
+def test_dlpack_export_hands_cuda_core_a_per_export_owner(fake, monkeypatch):
+    """DeviceArray.__dlpack__ builds cuda.core's Buffer with an owner object of its own
+    (counted by the buffer while it lives), not the array itself."""
+    import gc
+    import types
+    import cuda.core
+    import cuda.core.utils
+    owners = []
+    monkeypatch.setattr(cuda.core, "Buffer", types.SimpleNamespace(
+        from_handle=lambda ptr, size, owner=None: owners.append((ptr, size, owner)) or "buf"))
+    monkeypatch.setattr(cuda.core.utils, "StridedMemoryView", types.SimpleNamespace(
+        from_buffer=lambda buf, shape, dtype=None: types.SimpleNamespace(
+            __dlpack__=lambda **kw: ("capsule", buf, shape, dtype))))
+    cache = AlignedKVCache(1, 2, 64, 64, backend="cuda")
+    arr = cache.plane("v_hi", 0)
+    assert arr.__dlpack__()[0] == "capsule"
+    (ptr, size, owner), = owners
+    assert (ptr, size) == (arr.ptr, arr.nbytes) and owner.array is arr
+    assert arr.owner.live_exports == 1
+    del owner, owners[:]
+    gc.collect()
+    assert arr.owner.live_exports == 0
+    cache.close()
+
+
 def test_ragged_append_launches_one_sequence_at_a_time(fake):
     """append(counts=...) with counts that differ: one akv_append launch per sequence with a
     count > 0, every per-sequence pointer (K, V, lengths, arrival count, block-table row)

@@ -291,3 +291,25 @@ def test_unknown_mode_is_refused_when_the_cache_is_built():
     store = AlignedKVCache(1, 1, 64, 64, backend="numpy")
     with pytest.raises(ValueError, match="mode: expected one of"):
         hf.AlignedCache(store, mode="bogus")
+
+
+def test_each_cache_tracks_its_own_hand_off(rng):
+    """update hands K/V out; decode_attention (or the akv_aligned attention) takes them; an
+    update while this cache's last hand-off is untaken raises, whatever other caches did
+    in between; reset forgets it."""
+    def store():
+        return AlignedKVCache(2, 2, 64, 64, num_query_heads=4, backend="numpy")
+    a, b = hf.AlignedCache(store()), hf.AlignedCache(store())
+    k = torch.from_numpy(rng.standard_normal((1, 2, 1, 64)).astype(np.float16))
+    q = torch.from_numpy(rng.standard_normal((1, 4, 1, 64)).astype(np.float16))
+    a.update(k, k, 0)
+    a.decode_attention(0, q)                       # taken: the next layer may append
+    a.update(k, k, 1)
+    b.update(k, k, 0)                              # another cache's hand-off in between
+    with pytest.raises(hf.UnsupportedByAlignedCache, match="for layer 1"):
+        a.update(k, k, 0)
+    assert a.store.lengths(0).tolist() == [1]      # nothing appended by the refused update
+    b.reset()
+    b.update(k, k, 0)                              # reset forgot b's untaken hand-off
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        a.mode = "fast"

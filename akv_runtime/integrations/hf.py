@@ -26,9 +26,8 @@ other cache reordering, dropout, a score scale other than ``1/sqrt(head_dim)``.
 
 Usage::
 
-    from akv_runtime.integrations.hf import AlignedCache, use_aligned_attention
-    use_aligned_attention(model)
-    cache = AlignedCache.for_model(model, max_seq_len=1024)
+    from akv_runtime.integrations.hf import AlignedCache
+    cache = AlignedCache.for_model(model, max_seq_len=1024)   # switches model's attention
     out = model.generate(ids, max_new_tokens=32, do_sample=False, past_key_values=cache)
 """
 
@@ -36,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -133,9 +133,11 @@ class AlignedCache(Cache):
 
     The model must run the ``akv_aligned`` attention (:func:`use_aligned_attention`;
     :meth:`for_model` switches it): ``update`` hands back only the fresh K/V, so under any
-    other attention a decode step would attend to its own token alone. A cache whose K/V
-    were not taken by that attention raises :class:`UnsupportedByAlignedCache` at the next
-    ``update``, before appending.
+    other attention a decode step would attend to its own token alone. Each cache remembers
+    the layer whose K/V it handed out last until the ``akv_aligned`` attention (or
+    :meth:`decode_attention`) takes them; the next ``update`` of a cache whose hand-off was
+    not taken raises :class:`UnsupportedByAlignedCache` before appending (:meth:`reset`
+    forgets it).
 
     Raises
     ------
@@ -150,11 +152,23 @@ class AlignedCache(Cache):
         super().__init__(layers=[AlignedLayer(store, i) for i in range(store.num_layers)])
         self.store = store
         self.count = check_bool("count", count)
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.observer = observer
         self.mode = mode
         self.strict = strict
+        self._untaken = None          # the layer whose K/V update handed out, until taken
+        #: the model's attention implementation before :meth:`for_model` switched it
+        self.previous_attention = None
+
+    @property
+    def mode(self) -> str:
+        """The decode attention's mode, ``"aligned"`` or ``"full"`` (checked when set)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value) -> None:
+        if not isinstance(value, str) or value not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {value!r}")
+        self._mode = value
 
     @property
     def strict(self) -> bool:
@@ -172,7 +186,9 @@ class AlignedCache(Cache):
         is on a GPU and ``auto`` is asked); ``rule`` and ``v_rule`` as
         :class:`~akv_runtime.cache.AlignedKVCache` takes them. Switches ``model`` to the
         ``akv_aligned`` attention (:func:`use_aligned_attention`), under which stock caches
-        still get transformers' SDPA."""
+        get transformers' SDPA; the previous implementation's name is kept in
+        ``cache.previous_attention`` (``model.set_attn_implementation(name)`` restores it,
+        e.g. for a model loaded with eager attention)."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
         heads = config.num_attention_heads
@@ -183,8 +199,12 @@ class AlignedCache(Cache):
                                getattr(config, "num_key_value_heads", None) or heads, head_dim,
                                max_seq_len, num_query_heads=heads, batch_size=batch_size,
                                rule=rule, v_rule=v_rule, backend=backend)
-        cache = cls(store, **kwargs)
-        use_aligned_attention(model)
+        try:
+            cache = cls(store, **kwargs)
+        except Exception:
+            store.close()
+            raise
+        cache.previous_attention = use_aligned_attention(model)
         return cache
 
     # transformers calls update(key_states, value_states, layer_idx, ...)
@@ -197,15 +217,15 @@ class AlignedCache(Cache):
         if batch != store.batch_size:
             raise UnsupportedByAlignedCache(f"batch of {batch} sequences, the cache was made "
                                             f"for {store.batch_size}")
-        pending = getattr(_handoff, "pending", None)
-        if pending is not None and pending[0] is self:
-            _handoff.pending = None
+        if self._untaken is not None:
+            layer, self._untaken = self._untaken, None
             raise UnsupportedByAlignedCache(
-                f"layer {pending[1]}'s K/V were not taken by the {ATTENTION_NAME!r} attention, so "
-                f"its decode steps would attend to the newest token alone: call "
-                f"akv_runtime.integrations.hf.use_aligned_attention(model) (or build the cache "
-                f"with AlignedCache.for_model(model, ...)), then cache.reset() and generate "
-                f"again")
+                f"the {ATTENTION_NAME!r} attention did not receive the K/V this cache handed "
+                f"out for layer {layer} (the model is on another attention, which would "
+                f"attend to the newest token alone, or it changed K between the cache's "
+                f"update and the attention): switch the model with akv_runtime.integrations."
+                f"hf.use_aligned_attention(model) (AlignedCache.for_model does), then "
+                f"cache.reset() and run again")
         start = int(store.lengths(layer_idx).max())
         if new > 1 and start > 0:
             raise UnsupportedByAlignedCache(
@@ -213,7 +233,8 @@ class AlignedCache(Cache):
                 f"chunked prefill is not supported (prefill once, then decode one token at a "
                 f"time)")
         keys, values = self.layers[layer_idx].update(key_states, value_states)
-        _handoff.pending = (self, layer_idx, keys)
+        self._untaken = layer_idx
+        _handoff.pending = (weakref.ref(self), layer_idx, keys)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -234,9 +255,7 @@ class AlignedCache(Cache):
         return self.store.batch_size
 
     def reset(self) -> None:
-        pending = getattr(_handoff, "pending", None)
-        if pending is not None and pending[0] is self:
-            _handoff.pending = None
+        self._untaken = None
         self.store.reset()
 
     # ---------------------------------------------------------------- decode
@@ -244,6 +263,8 @@ class AlignedCache(Cache):
         """Aligned decode attention of one query token per sequence: ``query``
         ``[batch, heads, 1, D]`` (fp16) → output ``[batch, 1, heads, D]`` as transformers
         attention functions return it."""
+        if self._untaken == layer:
+            self._untaken = None
         q = query[:, :, 0, :]
         store = self.store
         if self.count and self.observer is not None:
@@ -271,12 +292,14 @@ def aligned_attention_forward(module, query, key, value, attention_mask, dropout
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     pending = getattr(_handoff, "pending", None)
     layer = getattr(module, "layer_idx", None)
-    if pending is None or pending[2] is not key or pending[1] != layer:
+    cache = pending[0]() if pending is not None else None
+    if cache is None or pending[2] is not key or pending[1] != layer:
         # not K/V that an AlignedCache just took (e.g. a DynamicCache): stock SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     _handoff.pending = None
-    cache = pending[0]
+    if cache._untaken == layer:
+        cache._untaken = None
     q_len = query.shape[2]
     if q_len > 1:  # prefill on an empty cache: plain torch attention on the fresh K/V
         return sdpa_attention_forward(module, query, key, value, attention_mask,
