@@ -362,6 +362,9 @@ class AlignedKVCache:
         B = self.batch_size
         if counts is None:
             return np.full(B, new, np.int64)
+        if isinstance(counts, (str, bytes)):
+            raise TypeError(f"counts: expected a host integer array [{B}], got "
+                            f"{type(counts).__name__}")
         if isinstance(counts, np.ma.MaskedArray):
             raise TypeError("counts: expected a plain integer array, got a masked array (a "
                             "masked sequence would still be appended; give it a count of 0)")
