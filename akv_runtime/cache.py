@@ -22,7 +22,7 @@ from . import reference
 from .arrays import describe, is_torch_tensor, to_numpy
 from .layout import (BLOCK_TOKENS, COUNTER_NAMES, MAX_GQA_GROUP, PLANE_NAMES,
                      SUPPORTED_HEAD_DIMS, PlaneLayout, blocks_for, identity_block_table)
-from .reference import (MODES, SEED_RULE, AlignmentRule, check_v_rule, named_rule,
+from .reference import (SEED_RULE, AlignmentRule, check_mode, check_v_rule, named_rule,
                         v_rule_applies)
 
 
@@ -430,8 +430,7 @@ class AlignedKVCache:
             no tokens.
         """
         layer = self._check_layer(layer)
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        check_mode(mode)
         strict = check_bool("strict", strict)
         count = check_bool("count", count)
         debug = check_bool("debug", debug)

@@ -201,6 +201,12 @@ V_RULE_POLICIES = ("auto", "always", "never")
 V_RULE_MIN_BYTES = 64 << 20
 
 
+def check_mode(mode) -> None:
+    """ValueError naming ``mode`` unless it is one of :data:`MODES`."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+
+
 def check_v_rule(policy) -> None:
     """ValueError naming ``v_rule`` unless ``policy`` is one of :data:`V_RULE_POLICIES`."""
     if not isinstance(policy, str) or policy not in V_RULE_POLICIES:
@@ -689,8 +695,7 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
         Read V whole (tier 16) with K at its tiers: an aligned call that
         :func:`v_rule_applies` leaves out of the V rule.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    check_mode(mode)
     q = np.asarray(q)
     B, Hq, D = q.shape
     Hk = planes["k_exp_max"].shape[1]
@@ -843,8 +848,7 @@ def causal_decode_attention(q, K, V, mode: str = "aligned", rule: AlignmentRule 
     so an fp32 score or output can differ from the per-step reference in its last bit (about
     once in 10⁸); tiers are integer functions of those values (tests/test_reference.py).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    check_mode(mode)
     arrays = {"q": np.asarray(q), "K": np.asarray(K), "V": np.asarray(V)}
     for name, x in arrays.items():
         if x.dtype != np.float16:

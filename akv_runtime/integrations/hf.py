@@ -42,7 +42,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import AlignedKVCache, check_bool
-from ..reference import MODES, SEED_RULE
+from ..reference import SEED_RULE, check_mode
 
 #: The attention implementation name registered with transformers.
 ATTENTION_NAME = "akv_aligned"
@@ -156,6 +156,7 @@ class AlignedCache(Cache):
         self.mode = mode
         self.strict = strict
         self._untaken = None          # the layer whose K/V update handed out, until taken
+        self._ref = weakref.ref(self)   # what the hand-off holds (one per cache, not per call)
         #: the model's attention implementation before :meth:`for_model` switched it
         self.previous_attention = None
 
@@ -166,8 +167,7 @@ class AlignedCache(Cache):
 
     @mode.setter
     def mode(self, value) -> None:
-        if not isinstance(value, str) or value not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {value!r}")
+        check_mode(value)
         self._mode = value
 
     @property
@@ -234,7 +234,7 @@ class AlignedCache(Cache):
                 f"time)")
         keys, values = self.layers[layer_idx].update(key_states, value_states)
         self._untaken = layer_idx
-        _handoff.pending = (weakref.ref(self), layer_idx, keys)
+        _handoff.pending = (self._ref, layer_idx, keys)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
