@@ -240,14 +240,14 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     candidates = [("sdpa_cudnn", None, lambda i: sdpa(i, SDPBackend.CUDNN_ATTENTION)),
                   ("sdpa_flash", None, lambda i: sdpa(i, SDPBackend.FLASH_ATTENTION)),
                   ("eager", None, eager)]
-    from .kernels import default_decode_version, env_fused, env_split_whole
+    from .kernels import default_decode_version, env_fused, env_whole_kernel
     default = default_decode_version(G, D)
     result["default_version"] = default
     backend = cache._backend
     fused = backend._use_fused(-(-ctx // 64), Hk, batch)
     whole = not cache.v_rule_applies(0)
-    # "path": what a cache runs by default here (v_rule "auto"): the V-whole path (the split
-    # kernel and the combine, or three launches under $AKV_SPLIT_WHOLE=0), the fused kernel,
+    # "path": what a cache runs by default here (v_rule "auto"): the V-whole path (the flash
+    # kernel and the combine, or $AKV_WHOLE_KERNEL's choice), the fused kernel,
     # or the four launches of the default version; the untagged akv_full / akv_aligned time
     # that path, the _vN ones version N's own kernels: the V rule's four launches on every
     # call (v_rule "always"), and full mode in its three launches
@@ -257,22 +257,25 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
                        (f"akv_aligned_v{version}", version, ours("aligned"))]
     candidates += [("akv_full", "default", ours("full")),
                    ("akv_aligned", "default", ours("aligned")),
-                   # the V-whole path at every size (v_rule "never"), in its two launches
-                   # (the split kernel) and in the default version's three
+                   # the V-whole path at every size (v_rule "never"): its default kernels
+                   # ($AKV_WHOLE_KERNEL, unset: the flash kernel and the combine), the split
+                   # kernel and the combine, the default version's three launches
                    ("akv_whole", "whole", ours("aligned")),
-                   ("akv_whole3", "whole3", ours("aligned"))]
+                   ("akv_split", "split", ours("aligned")),
+                   ("akv_whole3", "three", ours("aligned"))]
     # every candidate captured first, then timed in interleaved rounds
     # (_interleaved_median_ms), so that no candidate is favoured by its place in the run
     graphs, times = {}, {}
     for name, version, fn in candidates:
-        # the default path follows $AKV_SPLIT_WHOLE; "whole" is the split kernel, "whole3"
-        # and version N's own kernels (akv_full_vN) the three launches
-        backend.split_whole = env_split_whole() if version == "default" else version == "whole"
+        # the default path and "whole" follow $AKV_WHOLE_KERNEL; "split" is the split
+        # kernel, "three" and version N's own kernels (akv_full_vN) the three launches
+        backend.whole_kernel = (env_whole_kernel() if version in ("default", "whole") else
+                                "split" if version == "split" else "three")
         if version == "default":               # the cache's default path (v_rule "auto")
             backend.fused = env_fused()
             backend.set_decode_version(default)
             cache.v_rule = "auto"
-        elif version in ("whole", "whole3"):   # the V-whole path on every call
+        elif version in ("whole", "split", "three"):   # the V-whole path on every call
             backend.set_decode_version(default)
             cache.v_rule = "never"
         elif version is not None:              # the four launches of version N (the V rule)
@@ -292,7 +295,7 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
     del graphs
     result["ms"] = {name: times[name] for name, _, _ in candidates}
     backend.fused = env_fused()
-    backend.split_whole = env_split_whole()
+    backend.whole_kernel = env_whole_kernel()
     backend.set_decode_version(default)
     cache.v_rule = "auto"
     # each decode phase alone (aligned mode, default kernels), to place the time
@@ -319,7 +322,9 @@ def bench_case(torch, shape_name, batch, ctx, rule, copy_bw, l2_bytes, reps, rng
                                    "v_mid_bytes", "v_lo_bytes")) / rotate
         meta = c["metadata_bytes"] / rotate
         nblk = -(-ctx // 64)
-        workspace = batch * Hq * (ctx * 4 * 2 + nblk * D * 4 * 2)  # scores + partials, w+r
+        # scores (w+r; the flash kernel writes none) + partials (w+r, at most one per block)
+        flash = (mode == "full" or whole) and backend.whole_kernel == "flash"
+        workspace = batch * Hq * ((0 if flash else ctx * 4 * 2) + nblk * D * 4 * 2)
         per_mode[mode] = {"bits_per_value": c["bits_per_value"],
                           "plane_bytes": plane, "metadata_bytes": meta,
                           "workspace_bytes": workspace}
@@ -355,15 +360,16 @@ def format_table(rows, copy_bw) -> str:
     (four launches, the V rule on every call); column ``v`` is the path a cache runs by
     default, ``v_rule="auto"`` (``W``: the V-whole path, ``F``: the fused kernel, else the
     default version's four launches), whose times are the ``aligned`` column (``full``: full
-    mode, the V-whole path from version 3 on); ``whole`` / ``whole3``: the V-whole path at
-    every size (``v_rule="never"``) in two launches (the split kernel) / in the default
-    version's three (rows of older runs: n/a)."""
+    mode, the V-whole path from version 3 on); ``whole`` / ``split`` / ``whole3``: the
+    V-whole path at every size (``v_rule="never"``) in its default kernels (the flash kernel
+    and the combine) / in the split kernel and the combine / in the default version's three
+    launches (rows of older runs: n/a)."""
     versions = sorted({int(k.rsplit("_v", 1)[1]) for r in rows for k in r["ms"]
                        if k.startswith("akv_aligned_v")} |
                       {r["default_version"] for r in rows if "default_version" in r})
     vcols = "".join(f" {'algn v' + str(v):>7}" for v in versions)
     head = (f"{'shape':<13}{'B':>3}{'ctx':>7} {'cudnn':>7} {'flash':>7} {'eager':>7}{vcols} "
-            f"{'v':>2} {'full':>7} {'aligned':>8} {'whole':>7} {'whole3':>7} "
+            f"{'v':>2} {'full':>7} {'aligned':>8} {'whole':>7} {'split':>7} {'whole3':>7} "
             f"{'x cudnn':>8} {'x eager':>8} {'bits':>6} {'TB/s':>6} {'%copy':>6} {'append':>7}")
     lines = [f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); times in ms", head,
              "-" * len(head)]
@@ -385,7 +391,8 @@ def format_table(rows, copy_bw) -> str:
             f"{fmt(t.get('sdpa_flash'))} {fmt(t.get('eager'))}{per_version} "
             f"{path:>2} {fmt(t.get('akv_full'))} "
             f"{fmt(t.get('akv_aligned')):>8} {fmt(t.get('akv_whole'))} "
-            f"{fmt(t.get('akv_whole3'))} {r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
+            f"{fmt(t.get('akv_split'))} {fmt(t.get('akv_whole3'))} "
+            f"{r.get('aligned_speedup_vs_sdpa', 0):8.2f} "
             f"{(t['eager'] / t['akv_aligned']) if t.get('eager') and t.get('akv_aligned') else 0:8.2f} "
             f"{r['bytes']['aligned']['bits_per_value']['total']:6.2f} "
             f"{r.get('aligned_bandwidth_TBps', 0):6.2f} "
@@ -449,10 +456,10 @@ def main(argv=None) -> int:
     rule = named_rule(args.rule)
     # every argument is checked before the GPU is looked for
     grid, versions = _grid_and_versions(parser, args)
-    from .kernels import env_decode_version, env_fused, env_split_blocks, env_split_whole
+    from .kernels import env_decode_version, env_fused, env_split_blocks, env_whole_kernel
     try:
         env_fused()
-        env_split_whole()
+        env_whole_kernel()
         env_decode_version()        # ignored here (--versions decides), but a cache refuses
         forced_split = env_split_blocks()      # a bad value: refuse it now, not mid-run
     except ValueError as exc:

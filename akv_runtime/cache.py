@@ -116,7 +116,7 @@ class AlignedKVCache:
     v_rule : {"auto", "always", "never"}
         When an ``aligned`` call applies the rule's V side (docs/design.md, "The V-whole
         path"; settable later as ``cache.v_rule``). ``auto`` (default): on calls whose V,
-        read whole, exceeds ``reference.V_RULE_MIN_BYTES`` (64 MiB); smaller calls read V at
+        read whole, exceeds ``reference.V_RULE_MIN_BYTES`` (128 MiB); smaller calls read V at
         all 16 bits (K still at its tiers) and skip the V rule's estimate phase, which there
         costs more time than the V bytes it saves. ``always``: the paper's rule on every
         call. ``never``: V always whole. The counters report what was read either way.

@@ -138,18 +138,22 @@ def env_fused():
     return choices[env]
 
 
-def env_split_whole():
-    """$AKV_SPLIT_WHOLE: the V-whole path's kernels (CudaBackend.split_whole) for versions
-    >= 3: unset, empty or "1": the split kernel (akv_decode_split_whole_v7_*: scores and
-    values of a split in one CTA) and the combine, two launches (True); "0": the version's
-    scores and values kernels and the combine, three launches (False; measurements).
+def env_whole_kernel() -> str:
+    """$AKV_WHOLE_KERNEL: the V-whole path's kernels (CudaBackend.whole_kernel) for versions
+    >= 3, one of WHOLE_KERNELS: unset, empty or "flash": the flash kernel
+    (akv_decode_flash_whole_v7_*: one pass over a split, each block's scores straight into
+    its p·V) and the combine; "split": the split kernel (akv_decode_split_whole_v7_*: a
+    split's scores, then its values) and the combine; "three": the version's scores and
+    values kernels and the combine (two launches, two, three; measurements).
 
     Raises ValueError naming the variable for anything else."""
-    env = os.environ.get("AKV_SPLIT_WHOLE", "").strip()
-    choices = {"": True, "1": True, "0": False}
-    if env not in choices:
-        raise ValueError(f"$AKV_SPLIT_WHOLE: expected 0 or 1, got {env!r}")
-    return choices[env]
+    env = os.environ.get("AKV_WHOLE_KERNEL", "").strip()
+    if env == "":
+        return "flash"
+    if env not in WHOLE_KERNELS:
+        raise ValueError(f"$AKV_WHOLE_KERNEL: expected one of {', '.join(WHOLE_KERNELS)}, "
+                         f"got {env!r}")
+    return env
 
 
 def env_split_blocks() -> int | None:
@@ -170,6 +174,12 @@ STAGES_V4 = {128: (4, 6), 64: (6, 8)}
 #: (kMaxScoreSplit; their output is per block, so their split is free to differ).
 MAX_SPLIT_BLOCKS = 8
 MAX_SCORE_SPLIT_BLOCKS = 16
+#: The flash kernel's most blocks per CTA (its tiers of K are kept per block of the split,
+#: kMaxScoreSplit; its output is one partial per split).
+MAX_FLASH_SPLIT_BLOCKS = 16
+#: The V-whole path's kernels (CudaBackend.whole_kernel, $AKV_WHOLE_KERNEL): the flash
+#: kernel, the split kernel, or the version's three launches.
+WHOLE_KERNELS = ("flash", "split", "three")
 #: The split model's cost of a CTA's prologue (block table, exponent maxima, tiers), in
 #: units of the time one block of planes takes (docs/perf-notes.md, fifth session, fitted to
 #: the forced-split timings of the session before).
@@ -292,10 +302,10 @@ class CudaBackend:
         #: see _use_fused. ``fused_cluster`` forces its cluster size (8 or 16).
         self.fused = env_fused()
         self.fused_cluster = None
-        #: the V-whole path in two launches, the split kernel and the combine (True), or in
-        #: three, the version's scores and values kernels and the combine (False); see
-        #: decode_phases
-        self.split_whole = env_split_whole()
+        #: the V-whole path's kernels, one of WHOLE_KERNELS: "flash" (the flash kernel and the
+        #: combine), "split" (the split kernel and the combine) or "three" (the version's
+        #: scores and values kernels and the combine); see decode_phases
+        self.whole_kernel = env_whole_kernel()
         self.k_fused, self.fused_max_cluster = self._load_fused(cache)
 
         layout = cache.layout
@@ -361,6 +371,10 @@ class CudaBackend:
         # one CTA (akv7::split_whole), for every version >= 3
         self.k_split_whole = (fn(f"akv_decode_split_whole_v7_d{D}_g{G}")
                               if version >= 3 else None)
+        # the V-whole path's flash kernel (akv7::flash_whole): one pass, K and V of a block
+        # together, an online softmax over the split; the split kernel's arguments
+        self.k_flash_whole = (fn(f"akv_decode_flash_whole_v7_d{D}_g{G}")
+                              if version >= 3 else None)
         self.scores_smem = self.values_smem = 0
         if version == 4:
             stage = 2 * BLOCK_TOKENS * D
@@ -377,6 +391,9 @@ class CudaBackend:
         self.split_whole_per_sm = (
             max(1, driver.max_active_blocks(self.k_split_whole, SCORE_THREADS, 0))
             if self.k_split_whole is not None else 1)
+        self.flash_whole_per_sm = (
+            max(1, driver.max_active_blocks(self.k_flash_whole, SCORE_THREADS, 0))
+            if self.k_flash_whole is not None else 1)
         self.decode_version = version
 
     def splits(self, nblk: int, num_kv_heads: int, batch: int) -> tuple[int, int]:
@@ -414,19 +431,23 @@ class CudaBackend:
         return found
 
     def whole_split(self, nblk: int, num_kv_heads: int, batch: int) -> int:
-        """Blocks per CTA of the split kernel (akv_decode_split_whole_v7_*) for sequences of
-        at most ``nblk`` blocks: :func:`choose_split` with the kernel's own occupancy, at most
-        MAX_SPLIT_BLOCKS (its values part's kMaxSplit); ``forced_split``'s values split where
-        one is forced."""
+        """Blocks per CTA of the V-whole path's one-CTA kernel (:attr:`whole_kernel`: the
+        flash kernel, akv_decode_flash_whole_v7_*, or the split kernel,
+        akv_decode_split_whole_v7_*) for sequences of at most ``nblk`` blocks:
+        :func:`choose_split` with that kernel's own occupancy, at most
+        MAX_FLASH_SPLIT_BLOCKS (the flash kernel) or MAX_SPLIT_BLOCKS (the split kernel's
+        values part, kMaxSplit); ``forced_split``'s values split where one is forced."""
+        flash = self.whole_kernel == "flash"
+        cap = MAX_FLASH_SPLIT_BLOCKS if flash else MAX_SPLIT_BLOCKS
         if self.forced_split is not None:
             forced = self.forced_split
-            return min(MAX_SPLIT_BLOCKS, forced[1] if isinstance(forced, tuple) else forced)
-        key = (nblk, num_kv_heads, batch, "split_whole")
+            return min(cap, forced[1] if isinstance(forced, tuple) else forced)
+        key = (nblk, num_kv_heads, batch, self.whole_kernel)
         found = self._splits.get(key)
         if found is None:
+            per_sm = self.flash_whole_per_sm if flash else self.split_whole_per_sm
             found = self._splits[key] = choose_split(
-                nblk, num_kv_heads * batch, self.dev.multiprocessors * self.split_whole_per_sm,
-                MAX_SPLIT_BLOCKS)
+                nblk, num_kv_heads * batch, self.dev.multiprocessors * per_sm, cap)
         return found
 
     # ------------------------------------------------------------------ helpers
@@ -531,10 +552,11 @@ class CudaBackend:
         four phases (scores, estimate, values, combine), or the one fused launch where
         :meth:`_use_fused` says so (cuda/akv_fused.cu). With V read whole (``full`` mode, or
         ``v_whole``: an aligned call left out of the V rule, ``reference.v_rule_applies``)
-        versions >= 3 run the V-whole path: with :attr:`split_whole` (the default) two
-        launches, the split kernel (akv_decode_split_whole_v7_*: a split's scores, then its
-        values normalised by the split's own statistics, in one CTA) and
-        akv_decode_combine_rescale; without it three (the version's scores kernel,
+        versions >= 3 run the V-whole path (:attr:`whole_kernel`): two launches, the flash
+        kernel (akv_decode_flash_whole_v7_*, the default: one pass over a split, an online
+        softmax) or the split kernel (akv_decode_split_whole_v7_*: a split's scores, then its
+        values normalised by the split's own statistics, in one CTA), then
+        akv_decode_combine_rescale; or three (the version's scores kernel,
         akv_decode_values_whole_*, the combine; docs/design.md);
         versions 1 and 2 run their four launches with V at tier 16 (the estimate only for
         the statistics, uncounted).
@@ -562,9 +584,9 @@ class CudaBackend:
             smem = fused_smem_bytes(D, Hq // Hk, bpc)
             return [("fused", lambda: go(self.k_fused, (cluster, Hk, B), (FUSED_THREADS,),
                                          plan.fused, stream, smem, cluster))]
-        # the V-whole path in two launches (the split kernel, then the combine) takes the
-        # split kernel's own split for both of its phases
-        split_kernel = whole and self.decode_version >= 3 and self.split_whole
+        # the V-whole path in two launches (the flash or the split kernel, then the combine)
+        # takes that kernel's own split for both of its phases
+        split_kernel = whole and self.decode_version >= 3 and self.whole_kernel != "three"
         if split_kernel:
             score_split = split = self.whole_split(nblk, Hk, B)
         else:
@@ -582,8 +604,10 @@ class CudaBackend:
             rescale = ("combine", lambda: go(self.k_combine_rescale, (Hq, B), (chains * D,),
                                              plan.combine, stream))
             if split_kernel:
-                return [("split", lambda: go(self.k_split_whole, (splits, Hk, B),
-                                             (SCORE_THREADS,), plan.split_whole, stream, 0)),
+                one = (self.k_flash_whole if self.whole_kernel == "flash"
+                       else self.k_split_whole)
+                return [(self.whole_kernel, lambda: go(one, (splits, Hk, B), (SCORE_THREADS,),
+                                                       plan.split_whole, stream, 0)),
                         rescale]
             return [
                 scores,
@@ -642,7 +666,8 @@ class CudaBackend:
         """Packed kernel arguments for one kind of decode call (see :meth:`decode_phases`):
         ``whole`` packs the V-whole path (versions >= 3: akv_decode_values_whole_* and the
         rescaling combine; 1 and 2: V at tier 16, the estimate uncounted); ``whole="split"``
-        also the split kernel's arguments (akv_decode_split_whole_v7_*)."""
+        also the arguments of the split kernel (akv_decode_split_whole_v7_*), which the
+        flash kernel (akv_decode_flash_whole_v7_*) takes too."""
         key = (layer, mode, rule, bool(count), k_map, v_map,
                "fused" if fused else self.decode_version,
                whole if whole == "split" else bool(whole))
@@ -701,8 +726,10 @@ class CudaBackend:
         plan.pack("combine", [lengths, i32(bps), i32(Hq), i32(D), plan.split, ws["partial"],
                               *([ws["split_stats"]] if split_path else []), plan.out_ptr])
         if whole == "split":
-            # the split kernel (akv7::split_whole): the scores kernel's arguments with the V
-            # planes after the K planes, then the values kernel's outputs
+            # the split and flash kernels (akv7::split_whole, akv7::flash_whole): the scores
+            # kernel's arguments with the V planes after the K planes, then the values
+            # kernel's outputs (the flash kernel leaves the block statistics alone and
+            # writes the scores only with the debug maps)
             plan.pack("split_whole", [
                 plan.q_ptr, plan.q_sb, plan.q_sh, lengths, ws["block_table"], i32(bps),
                 p["k_hi"], p["k_mid"], p["k_lo"], p["k_exp_max"], p["v_hi"], p["v_mid"],

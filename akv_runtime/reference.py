@@ -190,15 +190,15 @@ V_RULE_POLICIES = ("auto", "always", "never")
 #: ``v_rule="auto"``: the V rule runs on a call only when its V cache, read whole (batch x KV
 #: heads x the longest sequence's blocks x 64 tokens x head_dim x 2 bytes), is more than
 #: this. Below it the V rule's estimate phase (~6 us at 4k tokens) costs more time than its
-#: fewer V bytes save. Measured on the H200 (docs/benchmarks.md, fifteenth session's grid,
-#: commit acf2966: the V-whole path in its two launches, the split kernel and the combine,
-#: against the V rule's four launches, us): faster up to 64 MiB of V (Llama-3-8B 1 x 4k,
-#: 8 MiB: 16.7 against 23.3; Llama-2-7B 1 x 4k, 32 MiB: 27.2 against 29.9; SmolLM2
-#: 32 x 4k, 48 MiB: 42.2 against 45.5; Llama-3-8B 8 x 4k, 64 MiB: 54.5 against 56.9, and
-#: 1 x 32k, 64 MiB: 57.2 against 62.3), even at 96 MiB (SmolLM2 8 x 32k: 76.9 against
-#: 76.2), slower from 128 MiB (Llama-2-7B 1 x 16k: 79.3 against 68.1). The fourteenth
-#: session's three launches had crossed over between 48 and 64 MiB.
-V_RULE_MIN_BYTES = 64 << 20
+#: fewer V bytes save. Measured on the H200 (docs/perf-notes.md, seventeenth session: the
+#: V-whole path in its two launches, the flash kernel and the combine, against the V rule's
+#: four launches, us, interleaved rounds): faster up to 128 MiB of V (SmolLM2 8 x 32k,
+#: 96 MiB: 63.5 against 76.6; Llama-3-8B 1 x 32k, 64 MiB: 47.9 against 62.0; 8 x 8k,
+#: 128 MiB: 83.9 against 90.2; Llama-2-7B 1 x 16k, 128 MiB: 68.9 against 68.7), slower at
+#: 256 MiB (Llama-2-7B 8 x 4k: 126.9 against 115.5; 1 x 32k: 127.8 against 118.8;
+#: Llama-3-8B 8 x 16k: 154.9 against 151.4) and beyond. With the split kernel (fifteenth
+#: session) the crossing had been between 96 and 128 MiB, and the threshold 64 MiB.
+V_RULE_MIN_BYTES = 128 << 20
 
 
 def check_mode(mode) -> None:

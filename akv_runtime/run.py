@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--v-rule", dest="v_rule", choices=("auto", "always", "never"),
                         default="auto",
                         help="when the rule's V side runs (AlignedKVCache v_rule; default auto: "
-                             "calls of at most 64 MiB of V read V whole; always: the paper's "
+                             "calls of at most 128 MiB of V read V whole; always: the paper's "
                              "rule on every call; docs/design.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

@@ -215,6 +215,288 @@ __device__ __forceinline__ void split_whole(
       block_sum, split_stats);
 }
 
+
+// ------------------------------------------------------------------------- flash kernel
+// The V-whole path in one pass (akv_decode_flash_whole_v7_*; docs/design.md "The V-whole
+// path"): one CTA per (split, KV head, sequence), as the split kernel, but each block's
+// scores go straight into its p·V: block j's K and V planes are requested together, one
+// iteration ahead (K_{j+1} once block j's q·Kᵀ is done, V_{j+1} once its p·V is done), and
+// the weights are an online softmax over the split (running maximum m and sum l per head;
+// what was accumulated is rescaled by exp(m_old - m_new) when the maximum moves). Nothing
+// is read back from the workspace and there is no values prologue. K as this version's
+// scores kernel (the same tiers, counters and score bits: the four warps' partial sums in
+// the same order); V as version 6's V-whole values kernel (every valid token at tier 16,
+// weights as two fp16 columns per head, x = e * 2^10 with e = exp(s - m) <= 1, the
+// smallest subnormal for a positive weight whose lo term rounds to 0); its output is the
+// split's normalised partial (· 1 / l) and (m, l) in split_stats, as the split kernel's,
+// for akv_decode_combine_rescale. The scores go to the workspace only with the debug maps
+// (k_tier_map set); the block statistics are not written (nothing reads them here).
+// Two barriers per block: one before the partial sums are read, one before the weights and
+// rescale factors are.
+template <int D, int G, int WS>
+__device__ __forceinline__ void flash_whole(
+    const __half* __restrict__ q, long long q_sb, long long q_sh,
+    const int* __restrict__ lengths, const int* __restrict__ block_table, int blocks_per_seq,
+    const uint8_t* __restrict__ k_hi, const uint8_t* __restrict__ k_mid,
+    const uint8_t* __restrict__ k_lo, const uint8_t* __restrict__ k_exp,
+    const uint8_t* __restrict__ v_hi, const uint8_t* __restrict__ v_mid,
+    const uint8_t* __restrict__ v_lo, int num_kv_heads, float scale, int full_mode, int t8,
+    int t12, int split_blocks, float* __restrict__ scores_out, float*, float*, int*,
+    float* __restrict__ partial, float* __restrict__ split_stats,
+    unsigned long long* __restrict__ counters, uint8_t* __restrict__ k_tier_map,
+    uint8_t* __restrict__ v_tier_map) {
+  constexpr int T = AKV_BLOCK_TOKENS, KSW = D / 64;
+  constexpr int DW = D / WS, CH = DW / 8, MT = CH / 2, NWT = 4 / WS;
+  constexpr int NT = (2 * G + 7) / 8, NCOL = 8 * NT, PSTRIDE = T + 8;
+  constexpr int HPW = (G + 3) / 4;                          // heads per warp in the softmax
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+  static_assert(G >= 1 && G <= 8, "at most 8 query heads per KV head");
+  static_assert(WS == 1 || WS == 2, "channel split");
+  __shared__ __half s_qh[G][D];
+  __shared__ __align__(16) int s_eq[G][D];
+  __shared__ __align__(16) uint8_t s_tier[kMaxScoreSplit][D];
+  __shared__ int s_phys[kMaxScoreSplit];
+  // the four warps' partial sums (version 7's layout), then the 4/WS warps' outputs
+  constexpr int PART = 4 * G * (T + 1), RED = NWT * G * D;
+  __shared__ __align__(16) float s_union[PART > RED ? PART : RED];
+  __shared__ __align__(16) __half s_ph[NCOL][PSTRIDE];     // one block's weights (P^T)
+  __shared__ float s_alpha[G], s_m[G], s_l[G];
+  auto s_part = reinterpret_cast<float(*)[G][T + 1]>(s_union);
+  auto s_red = reinterpret_cast<float(*)[G][D]>(s_union);
+
+  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int n = lengths[b];
+  const int nblk = (n + T - 1) / T;
+  const int first = split * split_blocks;
+  if (first >= nblk) return;
+  const int count = min(split_blocks, nblk - first);
+  const long long qhead = ((long long)b * num_kv_heads + h) * G;
+  const long long srow = (long long)blocks_per_seq * T;
+  const int g8 = lane >> 2, tq = lane & 3;
+  auto head_of = [&](int j) { return (long long)s_phys[j] * num_kv_heads + h; };
+
+  // K: version 7's lane mapping (akv7::scores)
+  const int cbase = warp * (D / 4) + 4 * tq;
+  const int hi_lane = cbase * T + 8 * g8, ml_lane = cbase * (T / 2) + 4 * g8;
+  uint2 khi[KSW][4];
+  uint32_t kmid[KSW][4], klo[KSW][4];
+  auto load_khi = [&](int j) {
+    const uint8_t* p = k_hi + head_of(j) * (D * T) + hi_lane;
+#pragma unroll
+    for (int ks = 0; ks < KSW; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        khi[ks][i] = *reinterpret_cast<const uint2*>(p + (16 * ks + i) * T);
+  };
+  auto load_krest = [&](int j) {
+    const long long off = head_of(j) * (D * T / 2) + ml_lane;
+    rest_of_kstep<0>(&s_tier[j][cbase], k_mid + off, k_lo + off, kmid[0], klo[0]);
+    if constexpr (KSW > 1)
+      rest_of_kstep<1>(&s_tier[j][cbase], k_mid + off, k_lo + off, kmid[1], klo[1]);
+  };
+  // V: version 5's lane mapping (akv5::values), every valid token whole, past the end 0
+  const int tok0 = (warp / WS) * 16 * WS + 4 * tq;
+  const int ch0 = (warp % WS) * DW + CH * g8;
+  akv5::Row<DW> vrow[WS][4];
+  auto load_v = [&](int j) {
+    const long long head = head_of(j);
+    const uint8_t* vh = v_hi + head * T * D + ch0;
+    const uint8_t* vm = v_mid + head * T * (D / 2) + ch0 / 2;
+    const uint8_t* vl = v_lo + head * T * (D / 2) + ch0 / 2;
+    const int rest = n - (first + j) * T;                   // valid tokens of block j
+#pragma unroll
+    for (int ks = 0; ks < WS; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = tok0 + 16 * ks + i;
+        vrow[ks][i].load(vh + t * D, vm + t * (D / 2), vl + t * (D / 2), t < rest ? 16 : 0);
+      }
+  };
+
+  akv3::score_prologue<D, G, kMaxScoreSplit>(
+      b, h, n, first, count, q, q_sb, q_sh, block_table, blocks_per_seq, k_exp, num_kv_heads,
+      full_mode, t8, t12, counters, k_tier_map, s_eq, s_tier, s_phys,
+      [&](int g, int i, __half qh) { s_qh[g][i] = qh; }, [&] {
+        load_khi(0);
+        load_v(0);
+      });
+  // V's counters and tier map: every valid token of the split at tier 16
+  const int valid_tokens = min(n, (first + count) * T) - first * T;
+  if (counters && tid == 0) {
+    atomicAdd(&counters[AKV_V_HI], (unsigned long long)(valid_tokens * D));
+    atomicAdd(&counters[AKV_V_MID], (unsigned long long)(valid_tokens * D / 2));
+    atomicAdd(&counters[AKV_V_LO], (unsigned long long)(valid_tokens * D / 2));
+  }
+  if (v_tier_map)
+    for (int t = tid; t < valid_tokens; t += 128)
+      v_tier_map[((long long)b * num_kv_heads + h) * srow + first * T + t] = 16;
+  // the weight columns past the group's 2G stay 0
+  for (int idx = tid; idx < (NCOL - 2 * G) * T; idx += 128)
+    s_ph[2 * G + idx / T][idx % T] = __ushort_as_half(0);
+  uint32_t bq[KSW][2];
+#pragma unroll
+  for (int ks = 0; ks < KSW; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      uint32_t v = 0u;
+      if (g8 < G) {
+        const int c = cbase + 16 * ks + 2 * r;
+        v = (uint32_t)__half_as_ushort(s_qh[g8][c]) |
+            ((uint32_t)__half_as_ushort(s_qh[g8][c + 1]) << 16);
+      }
+      bq[ks][r] = v;
+    }
+  }
+  load_krest(0);
+  float* const sp = &s_part[warp][0][0] + min(2 * tq, G - 1) * (T + 1) + 8 * g8 + (g8 >> 2);
+  float m_run[HPW], l_run[HPW];                 // warp w: heads w, w + 4 (warp-uniform)
+#pragma unroll
+  for (int k = 0; k < HPW; ++k) m_run[k] = -INFINITY, l_run[k] = 0.f;
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[mt][nt][k] = 0.f;
+
+  for (int j = 0; j < count; ++j) {
+    const int blk = first + j;
+    {
+      float sacc[4][4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sacc[mt][k] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KSW; ++ks)
+        kstep_mma(sacc, khi[ks], kmid[ks], klo[ks], bq[ks][0], bq[ks][1]);
+      if (j + 1 < count) {               // in flight through this block's softmax and p·V
+        load_khi(j + 1);
+        load_krest(j + 1);
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (G >= 8 || 2 * tq + e < G) {
+#pragma unroll
+          for (int mt = 0; mt < 4; ++mt) {
+            sp[e * (T + 1) + 2 * mt] = sacc[mt][e];
+            sp[e * (T + 1) + 2 * mt + 1] = sacc[mt][2 + e];
+          }
+        }
+      }
+    }
+    __syncthreads();                     // the partial sums are written
+    // the block's scores (version 7's order and scale), the online softmax, the weights
+#pragma unroll
+    for (int k = 0; k < HPW; ++k) {
+      const int g = warp + 4 * k;
+      if (g < G) {
+        float s[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int t = lane + 32 * u, c = t + (t >> 5);
+          float v = ((s_part[0][g][c] + s_part[1][g][c]) + s_part[2][g][c]) + s_part[3][g][c];
+          v *= scale;
+          const bool valid = blk * T + t < n;
+          if (valid && k_tier_map) scores_out[(qhead + g) * srow + (long long)blk * T + t] = v;
+          s[u] = valid ? v : -INFINITY;
+        }
+        const float mo = m_run[k], mn = fmaxf(mo, akv_warp_max(fmaxf(s[0], s[1])));
+        // exp(m_old - m_new): 1 where the maximum did not move (also -inf to -inf)
+        const float alpha = mn == mo ? 1.f : exp2f((mo - mn) * 1.44269504f);
+        float e[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+          e[u] = s[u] == -INFINITY ? 0.f : exp2f((s[u] - mn) * 1.44269504f);
+        float es = e[0] + e[1];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) es += __shfl_xor_sync(0xffffffffu, es, o);
+        m_run[k] = mn;
+        l_run[k] = l_run[k] * alpha + es;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int t = lane + 32 * u;
+          const float x = e[u] * 1024.f;
+          const __half hi = __float2half_rz(x);
+          __half lo = __float2half_rn(x - __half2float(hi));
+          if (x > 0.f && __half_as_ushort(lo) == 0) lo = __ushort_as_half(1);
+          s_ph[2 * g][t] = hi;
+          s_ph[2 * g + 1][t] = lo;
+        }
+        if (lane == 0) s_alpha[g] = alpha;
+      }
+    }
+    __syncthreads();                     // the weights and rescale factors are written
+    float alpha[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) alpha[nt] = 4 * nt + tq < G ? s_alpha[4 * nt + tq] : 1.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[mt][nt][k] *= alpha[nt];
+#pragma unroll
+    for (int ks = 0; ks < WS; ++ks) {
+      uint2 pb[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        pb[nt] = *reinterpret_cast<const uint2*>(&s_ph[8 * nt + g8][tok0 + 16 * ks]);
+      uint32_t a0[CH / 8][4], a1[CH / 8][4], a2[CH / 8][4], a3[CH / 8][4];
+#pragma unroll
+      for (int half = 0; half < CH / 8; ++half) {
+        uint32_t hx[4], hy[4], m[4], l[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) vrow[ks][r].part(half, 16, hx[r], hy[r], m[r], l[r]);
+        akv_pair_frags(hx[0], hy[0], m[0], l[0], hx[1], hy[1], m[1], l[1], a0[half], a1[half]);
+        akv_pair_frags(hx[2], hy[2], m[2], l[2], hx[3], hy[3], m[3], l[3], a2[half], a3[half]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          mma16816(acc[mt][nt], a0[mt / 4][mt % 4], a1[mt / 4][mt % 4], a2[mt / 4][mt % 4],
+                   a3[mt / 4][mt % 4], pb[nt].x, pb[nt].y);
+    }
+    if (j + 1 < count) load_v(j + 1);    // in flight through the next block's q·Kᵀ
+  }
+#pragma unroll
+  for (int k = 0; k < HPW; ++k) {
+    const int g = warp + 4 * k;
+    if (g < G && lane == 0) {
+      s_m[g] = m_run[k];
+      s_l[g] = l_run[k];
+      split_stats[((qhead + g) * blocks_per_seq + split) * 2] = m_run[k];
+      split_stats[((qhead + g) * blocks_per_seq + split) * 2 + 1] = l_run[k];
+    }
+  }
+  __syncthreads();                       // every warp is done with s_part: it becomes s_red
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int g = 4 * nt + tq;
+    if (g < G) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int c = ch0 + 2 * mt;
+        s_red[warp / WS][g][c] = acc[mt][nt][0] + acc[mt][nt][1];
+        s_red[warp / WS][g][c + 1] = acc[mt][nt][2] + acc[mt][nt][3];
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int g = idx / D, d = idx % D;
+    float o = s_red[0][g][d];
+#pragma unroll
+    for (int w = 1; w < NWT; ++w) o += s_red[w][g][d];
+    // a split whose scores are all -inf (l = 0) weighs 0 here and in the combine
+    const float inv = s_l[g] > 0.f ? 1.f / s_l[g] : 0.f;
+    partial[((qhead + g) * blocks_per_seq + split) * D + d] = o * (1.f / 1024.f) * inv;
+  }
+}
+
 }  // namespace akv7
 
 // The split kernel's entry point (one per head_dim and group).
@@ -239,6 +521,13 @@ __device__ __forceinline__ void split_whole(
 // registers (no spills at 9).
 #define AKV7_SCORE_MINB(D, G) (D == 64 && G <= 3 ? AKV_MINB_FIT(9) : 6)
 
+// Minimum CTAs per SM of the flash kernel (akv7::flash_whole): 4 (at most 128 registers;
+// 140-143 without the bound at head_dim 128, groups 1-4, no spills either way; 90 at head_dim
+// 64), but 3 at head_dim 128 beyond group 4, where 4 would spill (92 bytes at group 8) and
+// measured slower (Llama-3-70B shape 8 x 4k: 63.1 against 57.5 us; at group 4, Llama-3-8B
+// 8 x 4k, 47.3 against 49.1; docs/perf-notes.md, seventeenth session).
+#define AKV7_FLASH_MINB(D, G) (D == 128 && G > 4 ? 3 : 4)
+
 #define AKV7_ENTRIES(MINB, WS, D, G)                                                         \
   AKV_SPLIT_SCORES_ENTRY(akv_decode_scores_v7_d##D##_g##G, (akv7::scores<D, G>), 128,        \
                          AKV7_SCORE_MINB(D, G))                                              \
@@ -246,4 +535,6 @@ __device__ __forceinline__ void split_whole(
   AKV_SPLIT_VALUES_WHOLE_ENTRY(akv_decode_values_whole_v7_d##D##_g##G,                       \
                                (akv5::values<D, G, WS, true>), 128, MINB)                    \
   AKV7_SPLIT_WHOLE_ENTRY(akv_decode_split_whole_v7_d##D##_g##G, (akv7::split_whole<D, G, WS>), \
-                         128, AKV7_SCORE_MINB(D, G))
+                         128, AKV7_SCORE_MINB(D, G))                                                                                    \
+  AKV7_SPLIT_WHOLE_ENTRY(akv_decode_flash_whole_v7_d##D##_g##G, (akv7::flash_whole<D, G, WS>), \
+                         128, AKV7_FLASH_MINB(D, G))

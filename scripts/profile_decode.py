@@ -60,7 +60,7 @@ def main():
                         help="set CU_LIMIT_MAX_L2_FETCH_GRANULARITY to this many bytes first")
     parser.add_argument("--v-rule", default="auto", choices=("auto", "always", "never"),
                         help="when the V rule runs (AlignedKVCache v_rule; auto: calls of at most "
-                             "64 MiB of V read V whole, the V-whole path's split kernel and "
+                             "128 MiB of V read V whole, the V-whole path's flash kernel and "
                              "combine)")
     args = parser.parse_args()
     reason = cuda_unavailable_reason()

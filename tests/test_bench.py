@@ -20,19 +20,20 @@ def test_table_has_a_column_per_version_and_the_default_untagged():
         _row("llama3-8b", 6, {"sdpa_cudnn": 0.129, "sdpa_flash": 0.130, "eager": 0.156,
                               "akv_full": 0.248, "akv_aligned": 0.230,
                               "akv_full_v3": 0.294, "akv_aligned_v3": 0.286,
-                              "akv_whole": 0.201, "akv_whole3": 0.222}),
+                              "akv_whole": 0.201, "akv_split": 0.213,
+                              "akv_whole3": 0.222}),
     ]
     lines = bench.format_table(rows, 4.22e12).splitlines()
     head = lines[1].split()
     assert "v3" in head and "v6" in head          # "algn v3", "algn v6"
     mha, gqa = lines[3].split(), lines[4].split()
-    # columns: shape B ctx cudnn flash eager algn-v3 algn-v6 v full aligned whole whole3
-    # x-cudnn ...
+    # columns: shape B ctx cudnn flash eager algn-v3 algn-v6 v full aligned whole split
+    # whole3 x-cudnn ...
     assert mha[6:9] == ["0.456", "0.488", "3"] and mha[10] == "0.456"
-    assert mha[11:13] == ["n/a", "n/a"]            # a row without the V-whole timings
+    assert mha[11:14] == ["n/a", "n/a", "n/a"]     # a row without the V-whole timings
     assert gqa[6:9] == ["0.286", "0.230", "6"] and gqa[10] == "0.230"
-    assert gqa[11:13] == ["0.201", "0.222"]
-    assert gqa[13] == f"{0.129 / 0.230:.2f}"
+    assert gqa[11:14] == ["0.201", "0.213", "0.222"]
+    assert gqa[14] == f"{0.129 / 0.230:.2f}"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -87,7 +88,7 @@ def test_group_8_shape_is_a_case_not_part_of_the_grid():
 @pytest.mark.parametrize("name,value", [("AKV_SPLIT_BLOCKS", "0"),
                                         ("AKV_DECODE_VERSION", "nine"),
                                         ("AKV_FUSED", "sometimes"),
-                                        ("AKV_SPLIT_WHOLE", "2")])
+                                        ("AKV_WHOLE_KERNEL", "2")])
 def test_bad_environment_is_a_usage_error_before_the_gpu_check(name, value, monkeypatch,
                                                                capsys):
     monkeypatch.setenv(name, value)

@@ -346,15 +346,17 @@ def test_v_rule_auto_threshold_is_the_whole_v_bytes():
     """``auto`` applies the V rule above V_RULE_MIN_BYTES of V read whole (batch x KV heads
     x the longest sequence's whole blocks x head_dim x 2 bytes), not at or below it."""
     limit = R.V_RULE_MIN_BYTES
-    assert limit == 64 << 20
-    # Llama-3-8B shapes: 8 KV heads x 128 channels; 8 x 4096 tokens is exactly 64 MiB
-    assert not R.v_rule_applies("auto", 8, 8, 128, 4096)
-    assert R.v_rule_applies("auto", 8, 8, 128, 4097)         # a 65th block: above
+    assert limit == 128 << 20
+    # Llama-3-8B shapes: 8 KV heads x 128 channels; 8 x 8192 tokens is exactly 128 MiB
+    assert not R.v_rule_applies("auto", 8, 8, 128, 8192)
+    assert R.v_rule_applies("auto", 8, 8, 128, 8193)         # a 129th block: above
+    assert not R.v_rule_applies("auto", 8, 8, 128, 4096)     # 8 x 4k: 64 MiB
     assert not R.v_rule_applies("auto", 32, 3, 64, 4096)     # SmolLM2 32 x 4k: 48 MiB
-    assert R.v_rule_applies("auto", 8, 3, 64, 32768)         # SmolLM2 8 x 32k: 96 MiB
+    assert not R.v_rule_applies("auto", 8, 3, 64, 32768)     # SmolLM2 8 x 32k: 96 MiB
+    assert R.v_rule_applies("auto", 32, 3, 64, 32768)        # SmolLM2 32 x 32k: 384 MiB
     assert not R.v_rule_applies("auto", 1, 8, 128, 4096)     # Llama-3-8B 1 x 4k: 8 MiB
-    assert not R.v_rule_applies("auto", 1, 32, 128, 4096)    # Llama-2-7B 1 x 4k: 32 MiB
-    assert R.v_rule_applies("auto", 1, 32, 128, 16384)       # 128 MiB
+    assert not R.v_rule_applies("auto", 1, 32, 128, 16384)   # Llama-2-7B 1 x 16k: 128 MiB
+    assert R.v_rule_applies("auto", 8, 32, 128, 4096)        # Llama-2-7B 8 x 4k: 256 MiB
     assert R.v_rule_applies("always", 1, 1, 64, 1)
     assert not R.v_rule_applies("never", 64, 8, 128, 1 << 20)
 

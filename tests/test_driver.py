@@ -179,6 +179,9 @@ def test_signatures_parse_every_entry_point():
             s3 = sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
             assert (sigs[f"akv_decode_split_whole_v7_d{D}_g{G}"] ==
                     s3[:10] + ["ptr"] * 3 + s3[10:21] + ["ptr"] * 2 + s3[21:] + ["ptr"])
+            # the flash kernel takes the split kernel's parameters
+            assert (sigs[f"akv_decode_flash_whole_v7_d{D}_g{G}"] ==
+                    sigs[f"akv_decode_split_whole_v7_d{D}_g{G}"])
             if G <= 4:            # version 4 (staged): same parameters as version 3
                 assert sigs[f"akv_decode_scores_v4_d{D}_g{G}"] == sigs[f"akv_decode_scores_v3_d{D}_g{G}"]
                 assert sigs[f"akv_decode_values_v4_d{D}_g{G}"] == sigs[f"akv_decode_values_v3_d{D}_g{G}"]
@@ -368,27 +371,32 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
     assert fake.launches[-1]["args"][-1] == 0x60000
     assert fake.launches[-4]["grid"] == (-(-200 // BLOCK_TOKENS), Hk, B)
     backend.attend(1, q, out, "full", cache.rule, 0, True, False)
-    # full mode: the V-whole path, by default the split kernel and the combine (no estimate;
-    # docs/design.md)
-    split_kernel, combine = fake.launches[-2:]
-    assert [x["name"] for x in (split_kernel, combine)] == [
-        "akv_decode_split_whole_v7_d64_g3", "akv_decode_combine_rescale"]
-    args = split_kernel["args"]
-    assert len(args) == len(fake.signatures["akv_decode_split_whole_v7_d64_g3"])
-    assert args[:3] == [0x30000, Hq * D, D] and args[16] == 1   # q, full mode
-    nblk = -(-200 // BLOCK_TOKENS)           # the length set above
-    assert args[19] == backend.whole_split(nblk, Hk, B) == combine["args"][4]
-    assert split_kernel["grid"] == (-(-nblk // args[19]), Hk, B)
-    assert split_kernel["block"] == (128, 1, 1)
-    assert args[20:26] == [backend.ws[n].ptr for n in ("scores", "block_max", "block_sum",
-                                                       "block_arg", "partial", "split_stats")]
-    assert args[26] == backend.ws["counters"].ptr and args[27:] == [0, 0]
-    assert combine["args"][-2:] == [backend.ws["split_stats"].ptr, out.ptr]
-    backend.attend(1, q, out, "aligned", cache.rule, 0, False, False, True)   # v_whole
-    assert fake.launches[-2]["name"] == "akv_decode_split_whole_v7_d64_g3"
-    assert fake.launches[-2]["args"][16] == 0 and fake.launches[-2]["args"][26] == 0
-    # without the split kernel (split_whole False): the version's three launches
-    backend.split_whole = False
+    # full mode: the V-whole path, by default the flash kernel and the combine (no
+    # estimate; docs/design.md); the split kernel takes the same arguments and split rule
+    for kernel, name in (("flash", "akv_decode_flash_whole_v7_d64_g3"),
+                         ("split", "akv_decode_split_whole_v7_d64_g3")):
+        assert backend.whole_kernel == "flash" or kernel == "split"
+        backend.whole_kernel = kernel
+        backend.attend(1, q, out, "full", cache.rule, 0, True, False)
+        one, combine = fake.launches[-2:]
+        assert [x["name"] for x in (one, combine)] == [name, "akv_decode_combine_rescale"]
+        args = one["args"]
+        assert len(args) == len(fake.signatures[name])
+        assert args[:3] == [0x30000, Hq * D, D] and args[16] == 1   # q, full mode
+        nblk = -(-200 // BLOCK_TOKENS)           # the length set above
+        assert args[19] == backend.whole_split(nblk, Hk, B) == combine["args"][4]
+        assert one["grid"] == (-(-nblk // args[19]), Hk, B)
+        assert one["block"] == (128, 1, 1)
+        assert args[20:26] == [backend.ws[n].ptr for n in ("scores", "block_max", "block_sum",
+                                                           "block_arg", "partial",
+                                                           "split_stats")]
+        assert args[26] == backend.ws["counters"].ptr and args[27:] == [0, 0]
+        assert combine["args"][-2:] == [backend.ws["split_stats"].ptr, out.ptr]
+        backend.attend(1, q, out, "aligned", cache.rule, 0, False, False, True)   # v_whole
+        assert fake.launches[-2]["name"] == name
+        assert fake.launches[-2]["args"][16] == 0 and fake.launches[-2]["args"][26] == 0
+    # whole_kernel "three": the version's three launches
+    backend.whole_kernel = "three"
     backend.attend(1, q, out, "full", cache.rule, 0, True, False)
     scores, values, combine = fake.launches[-3:]
     assert [x["name"] for x in (scores, values, combine)] == [
@@ -404,7 +412,7 @@ def test_cuda_backend_launches_match_kernel_signatures(fake):
         "akv_decode_scores_v4_d64_g3", "akv_decode_values_whole_v4_d64_g3",
         "akv_decode_combine_rescale"]
     assert fake.launches[-3]["args"][13] == 0
-    backend.split_whole = True
+    backend.whole_kernel = "flash"
     backend.set_decode_version(1)
     backend.attend(1, q, out, "aligned", cache.rule, 0, False, False)
     assert [x["name"] for x in fake.launches[-4:]] == [
@@ -630,7 +638,7 @@ def test_default_decode_version_by_group():
     ("AKV_SPLIT_BLOCKS", "9", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'9'"),
     ("AKV_SPLIT_BLOCKS", "x", r"\$AKV_SPLIT_BLOCKS"),
     ("AKV_FUSED", "yes", r"\$AKV_FUSED: expected 0, 1 or always, got 'yes'"),
-    ("AKV_SPLIT_WHOLE", "always", r"\$AKV_SPLIT_WHOLE: expected 0 or 1, got 'always'"),
+    ("AKV_WHOLE_KERNEL", "1", r"\$AKV_WHOLE_KERNEL: expected one of flash, split, three, got '1'"),
 ])
 def test_bad_environment_variables_are_named(fake, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -653,8 +661,9 @@ def test_environment_variables_pick_version_and_split(fake, monkeypatch):
         cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
         assert cache._backend.fused == expected
         cache.close()
-    for value, expected in (("", True), ("0", False), (" 1 ", True)):
-        monkeypatch.setenv("AKV_SPLIT_WHOLE", value)
+    for value, expected in (("", "flash"), (" split ", "split"), ("three", "three"),
+                            ("flash", "flash")):
+        monkeypatch.setenv("AKV_WHOLE_KERNEL", value)
         cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
-        assert cache._backend.split_whole is expected
+        assert cache._backend.whole_kernel == expected
         cache.close()

@@ -57,11 +57,12 @@ def fused_once(decode_version, fused):
         pytest.skip("the fused kernel is the same under every decode version (run under v3)")
 
 
-def split_kernel_once(decode_version, split_whole):
-    """The V-whole path's split kernel is the same under every decode version >= 3 (and
-    versions 1-2 never run it): run its cases under version 7 only."""
-    if split_whole and decode_version != 7:
-        pytest.skip("the split kernel is the same under every decode version (run under v7)")
+def whole_kernel_once(decode_version, whole_kernel):
+    """The V-whole path's flash and split kernels are the same under every decode version
+    >= 3 (and versions 1-2 never run them): run their cases under version 7 only."""
+    if whole_kernel != "three" and decode_version != 7:
+        pytest.skip(f"the {whole_kernel} kernel is the same under every decode version "
+                    "(run under v7)")
 
 
 def uses_fused(gpu, B) -> bool:
@@ -285,20 +286,21 @@ def check_aligned_call(rng, gpu, cpu, D, Hk, Hq, B, n, rule):
                                                 (128, 8, 32, 1, 700, False),
                                                 (64, 1, 8, 1, 700, False)])
 @pytest.mark.parametrize("split", [None, 3, (13, 5)], ids=["auto", "split3", "split13_5"])
-@pytest.mark.parametrize("split_whole", [True, False], ids=["split_kernel", "three"])
+@pytest.mark.parametrize("whole_kernel", ["flash", "split", "three"])
 def test_decode_v_whole_matches_reference(rng, decode_version, D, Hk, Hq, B, n, paged, split,
-                                          split_whole):
+                                          whole_kernel):
     """The V-whole path (v_rule "never", and "auto" at these sizes: K at its tiers, V at 16
     bits, no estimate; each values split normalised by its own statistics, merged by
-    akv_decode_combine_rescale), through the split kernel (akv_decode_split_whole_v7_*) or
-    the version's scores and values kernels: K tiers equal to the reference's, every V tier
+    akv_decode_combine_rescale), through the flash kernel (akv_decode_flash_whole_v7_*), the
+    split kernel (akv_decode_split_whole_v7_*) or the version's scores and values kernels:
+    K tiers equal to the reference's, every V tier
     16, counters equal to the reference's (no estimate rows), outputs within fp32 rounding
     of the reference's and of float64 attention over the K the tiers read; a second call
     into a NaN-filled buffer shows nothing of the first."""
-    split_kernel_once(decode_version, split_whole)
+    whole_kernel_once(decode_version, whole_kernel)
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, v_rule="never")
     gpu._backend.forced_split = split
-    gpu._backend.split_whole = split_whole
+    gpu._backend.whole_kernel = whole_kernel
     K, V = _fill(rng, gpu, cpu, B, Hk, D, n)
     q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D)))
          ).astype(np.float16)
@@ -336,7 +338,9 @@ def test_split_kernel_equals_the_two_kernels_bit_for_bit(rng, decode_version, D,
     """akv_decode_split_whole_v7_* (version 7's scores and V-whole values kernels in one
     CTA) against the same two kernels launched one after the other with the same split: the
     same output bits, counters, K and V tier maps and scores; also over a ragged batch,
-    where a short sequence's CTAs past its blocks return from both phases."""
+    where a short sequence's CTAs past its blocks return from both phases. The flash kernel
+    (akv_decode_flash_whole_v7_*, one pass) with the same split: the same tiers, scores and
+    counters, and its output within fp32 rounding of the split kernel's."""
     if decode_version != 7:
         pytest.skip("the split kernel is version 7's two kernels (run under v7)")
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, v_rule="never")
@@ -351,17 +355,71 @@ def test_split_kernel_equals_the_two_kernels_bit_for_bit(rng, decode_version, D,
     q = torch.from_numpy((rng.standard_normal((B, Hq, D)) *
                           np.exp2(rng.uniform(-2, 2, (1, 1, D)))).astype(np.float16)).cuda()
     runs = {}
-    for split_whole in (True, False):
-        gpu._backend.split_whole = split_whole
+    for whole_kernel in ("flash", "split", "three"):
+        gpu._backend.whole_kernel = whole_kernel
         gpu.reset_counters()
         o, info = gpu.attend(0, q, mode=mode, count=True, debug=True)
-        runs[split_whole] = (o.cpu().numpy(), info, gpu.counters())
-    (o1, i1, c1), (o2, i2, c2) = runs[True], runs[False]
+        runs[whole_kernel] = (o.cpu().numpy(), info, gpu.counters())
+    (o1, i1, c1), (o2, i2, c2) = runs["split"], runs["three"]
     assert np.array_equal(o1.view(np.uint16), o2.view(np.uint16))
     assert c1 == c2
     for key in ("k_tiers", "v_tiers", "scores"):
         for a, b in zip(i1[key], i2[key]):
             assert np.array_equal(a, b), key
+    # the flash kernel (one pass, an online softmax): the same tiers, scores and counters,
+    # the output within fp32 rounding (its weights are relative to a running maximum) of
+    # the split kernel's and of the reference's
+    o3, i3, c3 = runs["flash"]
+    assert c3 == c1
+    for key in ("k_tiers", "v_tiers", "scores"):
+        for a, b in zip(i1[key], i3[key]):
+            assert np.array_equal(a, b), key
+    assert R.relative_error(o3, o1) < 1e-3
+    o_ref = cpu.attend(0, q.cpu().numpy(), mode=mode) if not ragged else None
+    if o_ref is not None:
+        assert R.relative_error(o3, o_ref) < 1e-3
+
+
+@pytest.mark.parametrize("D,Hk,Hq,B,n,paged", [(128, 8, 32, 2, 2100, True),
+                                                (64, 3, 9, 3, 1500, False),
+                                                (128, 1, 8, 2, 1200, False)])
+@pytest.mark.parametrize("split", [None, 11, 16])
+@pytest.mark.parametrize("mode", ["aligned", "full"])
+def test_flash_kernel_long_splits_and_ragged_batches_match_reference(
+        rng, decode_version, D, Hk, Hq, B, n, paged, split, mode):
+    """The flash kernel (akv_decode_flash_whole_v7_*) with splits beyond the split kernel's
+    8 blocks (up to kernels.MAX_FLASH_SPLIT_BLOCKS; one running maximum over up to 16
+    blocks) over a ragged batch (the first sequence a single token): K tiers and counters
+    equal to the reference's, every V tier 16, the scores and the output within fp32
+    rounding of the reference's."""
+    if decode_version != 7:
+        pytest.skip("the flash kernel is the same under every decode version (run under v7)")
+    gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n + 64, paged, v_rule="never")
+    gpu._backend.forced_split = split
+    assert gpu._backend.whole_kernel == "flash"       # the default
+    lengths = [n if b == B - 1 else max(1, n * b // B) for b in range(B)]
+    K, V = kv_like(rng, B, Hk, n, D)
+    gpu.append(0, torch.from_numpy(K).cuda(), torch.from_numpy(V).cuda(), counts=lengths)
+    cpu.append(0, K, V, counts=lengths)
+    q = (rng.standard_normal((B, Hq, D)) * np.exp2(rng.uniform(-2, 2, (1, 1, D)))
+         ).astype(np.float16)
+    gpu.reset_counters()
+    cpu.reset_counters()
+    o, info = gpu.attend(0, torch.from_numpy(q).cuda(), mode=mode, count=True, debug=True)
+    o_ref, ref = cpu.attend(0, q, mode=mode, count=True, debug=True)
+    assert gpu.counters() == cpu.counters()
+    o = o.cpu().numpy()
+    for b in range(B):
+        assert np.array_equal(info["k_tiers"][b], ref["k_tiers"][b])
+        assert info["v_tiers"][b].shape == (Hk, lengths[b]) and (info["v_tiers"][b] == 16).all()
+        # fp32 sums of the same products in another order (the tolerance of
+        # test_decode_aligned_tiers_and_output)
+        s_ref = ref["scores"][b]
+        terms = np.einsum("gd,gtd->gt", np.abs(q[b].astype(np.float32)),
+                          np.abs(K[b, :, :lengths[b]].astype(np.float32)).repeat(Hq // Hk, axis=0)
+                          ) / np.sqrt(D)
+        assert (np.abs(info["scores"][b] - s_ref) <= 1e-5 + 1e-5 * np.abs(s_ref) + 4e-6 * terms).all()
+        assert R.relative_error(o[b], o_ref[b]) < 1e-3
 
 
 @pytest.mark.parametrize("n", [70, 900, 4096, 5000, 70000])
@@ -389,16 +447,16 @@ def test_rescaling_combine_same_bits_for_one_or_four_threads_per_channel(rng, mo
 
 
 @pytest.mark.parametrize("D,Hk,Hq", [(64, 3, 9), (128, 2, 8)])
-@pytest.mark.parametrize("split_whole", [True, False], ids=["split_kernel", "three"])
-def test_decode_v_whole_follows_fp16_inf_and_nan(rng, decode_version, D, Hk, Hq, split_whole):
-    """Inf and NaN in V on the V-whole path (the split kernel, or the version's scores and
-    values kernels): a token of +Inf in a channel makes that channel's output +Inf
+@pytest.mark.parametrize("whole_kernel", ["flash", "split", "three"])
+def test_decode_v_whole_follows_fp16_inf_and_nan(rng, decode_version, D, Hk, Hq, whole_kernel):
+    """Inf and NaN in V on the V-whole path (the flash kernel, the split kernel, or the
+    version's scores and values kernels): a token of +Inf in a channel makes that channel's output +Inf
     (positive weights, however small), NaN stays NaN, as in fp16 attention; K/V elsewhere
     finite."""
-    split_kernel_once(decode_version, split_whole)
+    whole_kernel_once(decode_version, whole_kernel)
     B, n = 1, 300
     gpu, cpu = make_pair(rng, 1, Hk, Hq, D, B, n, v_rule="never")
-    gpu._backend.split_whole = split_whole
+    gpu._backend.whole_kernel = whole_kernel
     K, V = kv_like(rng, B, Hk, n, D)
     V[0, 0, 17, 3] = np.inf
     V[0, Hk - 1, 250, 5] = np.nan
