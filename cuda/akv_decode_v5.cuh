@@ -114,6 +114,70 @@ struct Row<64> {            // 8 channels: 8 hi bytes, 4 mid bytes, 4 lo bytes
   }
 };
 
+// One k-step of p·V, out^T += V^T · P^T (mapping above), for a lane's four token rows of its
+// channel slice (`row`, read at `tier`) and their weights in shared memory: `ph` points at
+// the lane's first row in P^T's row g (column g of P^T for head column g; the lane's g8),
+// rows 8 nt + g8 lie `pstride` halves apart. The A registers come straight from the planes
+// (akv_pair_frags over the row pairs (0, 1) and (2, 3); twelfth session): a0 = channel 2mt,
+// tokens 0 1; a1 = channel 2mt+1; a2, a3 the same of tokens 2 3. Shared by the values
+// kernels and the flash kernel (akv7::flash_whole).
+template <int DW, int NT>
+__device__ __forceinline__ void pv_kstep(float (&acc)[DW / 16][NT][4], const Row<DW> (&row)[4],
+                                         const int (&tier)[4], const __half* ph, int pstride) {
+  constexpr int CH = DW / 8, MT = CH / 2;
+  uint2 pb[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    pb[nt] = *reinterpret_cast<const uint2*>(ph + 8 * nt * pstride);
+  uint32_t a0[CH / 8][4], a1[CH / 8][4], a2[CH / 8][4], a3[CH / 8][4];   // m-tile 4 half + k
+#pragma unroll
+  for (int half = 0; half < CH / 8; ++half) {
+    uint32_t hx[4], hy[4], m[4], l[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) row[r].part(half, tier[r], hx[r], hy[r], m[r], l[r]);
+    akv_pair_frags(hx[0], hy[0], m[0], l[0], hx[1], hy[1], m[1], l[1], a0[half], a1[half]);
+    akv_pair_frags(hx[2], hy[2], m[2], l[2], hx[3], hy[3], m[3], l[3], a2[half], a3[half]);
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      mma16816(acc[mt][nt], a0[mt / 4][mt % 4], a1[mt / 4][mt % 4], a2[mt / 4][mt % 4],
+               a3[mt / 4][mt % 4], pb[nt].x, pb[nt].y);
+}
+
+// A split's output from the warps' p·V accumulators: head g's columns (hi, lo) summed per
+// channel, the 4 / WS token groups' sums added through shared memory `s_red` (the caller
+// synchronises before: it may alias the main loop's buffers), then
+// partial[(qhead + g) * blocks_per_seq + split][d] = sum · 2^-10 · scale(g).
+template <int D, int G, int WS, int MT, int NT, class Scale>
+__device__ __forceinline__ void store_partial(const float (&acc)[MT][NT][4], float (*s_red)[G][D],
+                                              int warp, int tq, int ch0, float* partial,
+                                              long long qhead, int blocks_per_seq, int split,
+                                              Scale&& scale) {
+  constexpr int NWT = 4 / WS;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int g = 4 * nt + tq;
+    if (g < G) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int c = ch0 + 2 * mt;
+        s_red[warp / WS][g][c] = acc[mt][nt][0] + acc[mt][nt][1];
+        s_red[warp / WS][g][c + 1] = acc[mt][nt][2] + acc[mt][nt][3];
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += 128) {
+    const int g = idx / D, d = idx % D;
+    float o = s_red[0][g][d];
+#pragma unroll
+    for (int w = 1; w < NWT; ++w) o += s_red[w][g][d];
+    partial[((qhead + g) * blocks_per_seq + split) * D + d] = scale(g, o * (1.f / 1024.f));
+  }
+}
+
 // ------------------------------------------------------------------------------- values
 // Grid (splits, Hk, B), 128 threads; split s covers blocks s*S .. s*S+S-1 of sequence b.
 // Prologue as version 3 (reference exponents, weights, tiers), but the weights go to shared
@@ -209,52 +273,12 @@ __device__ __forceinline__ void values(
         row[ks][i].load(vhi + t * D, vmid + t * (D / 2), vlo + t * (D / 2), tier[ks][i]);
       }
 #pragma unroll
-    for (int ks = 0; ks < WS; ++ks) {
-      uint2 pb[NT];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        pb[nt] = *reinterpret_cast<const uint2*>(&s_ph[8 * nt + g8][j * T + tok0 + 16 * ks]);
-      // A registers straight from the planes (akv_pair_frags over the row pairs (0, 1) and
-      // (2, 3); twelfth session): a0 = channel 2mt, tokens 0 1; a1 = channel 2mt+1; a2, a3
-      // the same of tokens 2 3
-      uint32_t a0[CH / 8][4], a1[CH / 8][4], a2[CH / 8][4], a3[CH / 8][4];   // m-tile 4 half + k
-#pragma unroll
-      for (int half = 0; half < CH / 8; ++half) {
-        uint32_t hx[4], hy[4], m[4], l[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) row[ks][r].part(half, tier[ks][r], hx[r], hy[r], m[r], l[r]);
-        akv_pair_frags(hx[0], hy[0], m[0], l[0], hx[1], hy[1], m[1], l[1], a0[half], a1[half]);
-        akv_pair_frags(hx[2], hy[2], m[2], l[2], hx[3], hy[3], m[3], l[3], a2[half], a3[half]);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          mma16816(acc[mt][nt], a0[mt / 4][mt % 4], a1[mt / 4][mt % 4], a2[mt / 4][mt % 4],
-                   a3[mt / 4][mt % 4], pb[nt].x, pb[nt].y);
-    }
+    for (int ks = 0; ks < WS; ++ks)
+      pv_kstep<DW, NT>(acc, row[ks], tier[ks], &s_ph[g8][j * T + tok0 + 16 * ks], PSTRIDE);
   }
   __syncthreads();                      // every warp is done with s_ph: it becomes s_red
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int g = 4 * nt + tq;
-    if (g < G) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int c = ch0 + 2 * mt;
-        s_red[warp / WS][g][c] = acc[mt][nt][0] + acc[mt][nt][1];
-        s_red[warp / WS][g][c + 1] = acc[mt][nt][2] + acc[mt][nt][3];
-      }
-    }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < G * D; idx += 128) {
-    const int g = idx / D, d = idx % D;
-    float o = s_red[0][g][d];
-#pragma unroll
-    for (int w = 1; w < NWT; ++w) o += s_red[w][g][d];
-    partial[((qhead + g) * blocks_per_seq + split) * D + d] = o * (1.f / 1024.f);
-  }
+  store_partial<D, G, WS>(acc, s_red, warp, tq, ch0, partial, qhead, blocks_per_seq, split,
+                          [](int, float o) { return o; });
 }
 
 }  // namespace akv5

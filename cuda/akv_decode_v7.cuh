@@ -67,6 +67,26 @@ __device__ __forceinline__ void kstep_mma(float (&acc)[4][4], const uint2 (&hi)[
   for (int mt = 0; mt < 4; ++mt) mma16816(acc[mt], e01[mt], o01[mt], e23[mt], o23[mt], b0, b1);
 }
 
+// The B fragments (qᵀ) of a lane, fixed for the CTA: head g8 (zero past G), the channel
+// pairs (c, c + 1), c = cbase + 16 ks + 2 r, of each k-step (the mapping above).
+template <int D, int G>
+__device__ __forceinline__ void q_fragments(const __half (&s_qh)[G][D], int cbase, int g8,
+                                            uint32_t (&bq)[D / 64][2]) {
+#pragma unroll
+  for (int ks = 0; ks < D / 64; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      uint32_t v = 0u;
+      if (g8 < G) {
+        const int c = cbase + 16 * ks + 2 * r;
+        v = (uint32_t)__half_as_ushort(s_qh[g8][c]) |
+            ((uint32_t)__half_as_ushort(s_qh[g8][c + 1]) << 16);
+      }
+      bq[ks][r] = v;
+    }
+  }
+}
+
 template <int D, int G>
 __device__ __forceinline__ void scores(
     const __half* __restrict__ q, long long q_sb, long long q_sh,
@@ -130,19 +150,7 @@ __device__ __forceinline__ void scores(
       [&](int g, int i, __half qh) { s_qh[g][i] = qh; }, [&] { load_hi(0); });
   // B fragments (qᵀ), fixed for the CTA: head g8 (zero past G), channel pairs of each k-step
   uint32_t bq[KSW][2];
-#pragma unroll
-  for (int ks = 0; ks < KSW; ++ks) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      uint32_t v = 0u;
-      if (g8 < G) {
-        const int c = cbase + 16 * ks + 2 * r;
-        v = (uint32_t)__half_as_ushort(s_qh[g8][c]) |
-            ((uint32_t)__half_as_ushort(s_qh[g8][c + 1]) << 16);
-      }
-      bq[ks][r] = v;
-    }
-  }
+  q_fragments<D, G>(s_qh, cbase, g8, bq);
   load_rest(0);                        // block 0's hi is in flight since the prologue
   // the lane's partial-sum slot in buffer 0: head 2 tq (+ e), token 8 g8 (+ 2 mt + 0/1);
   // lanes whose heads are past G store nothing, and their row is clamped into the array
@@ -260,7 +268,7 @@ __device__ __forceinline__ void flash_whole(
   constexpr int PART = 4 * G * (T + 1), RED = NWT * G * D;
   __shared__ __align__(16) float s_union[PART > RED ? PART : RED];
   __shared__ __align__(16) __half s_ph[NCOL][PSTRIDE];     // one block's weights (P^T)
-  __shared__ float s_alpha[G], s_m[G], s_l[G];
+  __shared__ float s_alpha[G], s_l[G];
   auto s_part = reinterpret_cast<float(*)[G][T + 1]>(s_union);
   auto s_red = reinterpret_cast<float(*)[G][D]>(s_union);
 
@@ -335,19 +343,7 @@ __device__ __forceinline__ void flash_whole(
   for (int idx = tid; idx < (NCOL - 2 * G) * T; idx += 128)
     s_ph[2 * G + idx / T][idx % T] = __ushort_as_half(0);
   uint32_t bq[KSW][2];
-#pragma unroll
-  for (int ks = 0; ks < KSW; ++ks) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      uint32_t v = 0u;
-      if (g8 < G) {
-        const int c = cbase + 16 * ks + 2 * r;
-        v = (uint32_t)__half_as_ushort(s_qh[g8][c]) |
-            ((uint32_t)__half_as_ushort(s_qh[g8][c + 1]) << 16);
-      }
-      bq[ks][r] = v;
-    }
-  }
+  q_fragments<D, G>(s_qh, cbase, g8, bq);
   load_krest(0);
   float* const sp = &s_part[warp][0][0] + min(2 * tq, G - 1) * (T + 1) + 8 * g8 + (g8 >> 2);
   float m_run[HPW], l_run[HPW];                 // warp w: heads w, w + 4 (warp-uniform)
@@ -438,63 +434,27 @@ __device__ __forceinline__ void flash_whole(
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int k = 0; k < 4; ++k) acc[mt][nt][k] *= alpha[nt];
+    const int vtier[4] = {16, 16, 16, 16};   // rows past the end were loaded as 0
 #pragma unroll
-    for (int ks = 0; ks < WS; ++ks) {
-      uint2 pb[NT];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        pb[nt] = *reinterpret_cast<const uint2*>(&s_ph[8 * nt + g8][tok0 + 16 * ks]);
-      uint32_t a0[CH / 8][4], a1[CH / 8][4], a2[CH / 8][4], a3[CH / 8][4];
-#pragma unroll
-      for (int half = 0; half < CH / 8; ++half) {
-        uint32_t hx[4], hy[4], m[4], l[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) vrow[ks][r].part(half, 16, hx[r], hy[r], m[r], l[r]);
-        akv_pair_frags(hx[0], hy[0], m[0], l[0], hx[1], hy[1], m[1], l[1], a0[half], a1[half]);
-        akv_pair_frags(hx[2], hy[2], m[2], l[2], hx[3], hy[3], m[3], l[3], a2[half], a3[half]);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          mma16816(acc[mt][nt], a0[mt / 4][mt % 4], a1[mt / 4][mt % 4], a2[mt / 4][mt % 4],
-                   a3[mt / 4][mt % 4], pb[nt].x, pb[nt].y);
-    }
+    for (int ks = 0; ks < WS; ++ks)
+      akv5::pv_kstep<DW, NT>(acc, vrow[ks], vtier, &s_ph[g8][tok0 + 16 * ks], PSTRIDE);
     if (j + 1 < count) load_v(j + 1);    // in flight through the next block's q·Kᵀ
   }
 #pragma unroll
   for (int k = 0; k < HPW; ++k) {
     const int g = warp + 4 * k;
     if (g < G && lane == 0) {
-      s_m[g] = m_run[k];
       s_l[g] = l_run[k];
       split_stats[((qhead + g) * blocks_per_seq + split) * 2] = m_run[k];
       split_stats[((qhead + g) * blocks_per_seq + split) * 2 + 1] = l_run[k];
     }
   }
   __syncthreads();                       // every warp is done with s_part: it becomes s_red
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int g = 4 * nt + tq;
-    if (g < G) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int c = ch0 + 2 * mt;
-        s_red[warp / WS][g][c] = acc[mt][nt][0] + acc[mt][nt][1];
-        s_red[warp / WS][g][c + 1] = acc[mt][nt][2] + acc[mt][nt][3];
-      }
-    }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < G * D; idx += 128) {
-    const int g = idx / D, d = idx % D;
-    float o = s_red[0][g][d];
-#pragma unroll
-    for (int w = 1; w < NWT; ++w) o += s_red[w][g][d];
-    // a split whose scores are all -inf (l = 0) weighs 0 here and in the combine
-    const float inv = s_l[g] > 0.f ? 1.f / s_l[g] : 0.f;
-    partial[((qhead + g) * blocks_per_seq + split) * D + d] = o * (1.f / 1024.f) * inv;
-  }
+  // a split whose scores are all -inf (l = 0) weighs 0 here and in the combine
+  akv5::store_partial<D, G, WS>(acc, s_red, warp, tq, ch0, partial, qhead, blocks_per_seq,
+                                split, [&](int g, float o) {
+                                  return o * (s_l[g] > 0.f ? 1.f / s_l[g] : 0.f);
+                                });
 }
 
 }  // namespace akv7
