@@ -12,7 +12,8 @@ read four times the L2 (60 MB) where 8 layers suffice; the smallest shapes (Smol
 8 x 3 MB) stay partly L2-resident, for every column alike. Prints a short table last and
 writes JSON. The kernel versions timed are --versions plus each shape's default;
 $AKV_DECODE_VERSION is ignored (a malformed value is still refused), $AKV_SPLIT_BLOCKS
-applies to both split kernels (recorded in the JSON). --case replaces the grid (with or
+applies to every split-KV kernel and $AKV_WHOLE_KERNEL to the V-whole path's default
+columns (both recorded in the JSON). --case replaces the grid (with or
 without --quick).
 
 K/V and q: drawn from SmolLM2-measured per-channel statistics
@@ -491,6 +492,7 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "copy_bandwidth_Bps": copy_bw, "rule": rule.name,
               "date": time.strftime("%Y-%m-%d"), "forced_split_blocks": forced_split,
+              "whole_kernel": env_whole_kernel(),
               "rows": rows}
     if args.json:
         path = Path(args.json).expanduser()

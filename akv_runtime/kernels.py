@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 
 import numpy as np
 
@@ -147,6 +148,9 @@ def env_whole_kernel() -> str:
     values kernels and the combine (two launches, two, three; measurements).
 
     Raises ValueError naming the variable for anything else."""
+    if os.environ.get("AKV_SPLIT_WHOLE", "").strip():
+        warnings.warn("$AKV_SPLIT_WHOLE is no longer read: $AKV_WHOLE_KERNEL (flash, split or "
+                      "three) picks the V-whole path's kernels", stacklevel=2)
     env = os.environ.get("AKV_WHOLE_KERNEL", "").strip()
     if env == "":
         return "flash"
@@ -158,11 +162,13 @@ def env_whole_kernel() -> str:
 
 def env_split_blocks() -> int | None:
     """$AKV_SPLIT_BLOCKS: blocks per CTA for decode versions >= 3 instead of the automatic
-    choice (both split kernels; tests and experiments), or None when unset or empty.
+    choice (every split-KV kernel, each capped at its own maximum: MAX_SPLIT_BLOCKS for the
+    values and split kernels, MAX_SCORE_SPLIT_BLOCKS and MAX_FLASH_SPLIT_BLOCKS for the
+    scores and flash kernels; tests and experiments), or None when unset or empty.
 
-    Raises ValueError naming the variable unless it is 1..MAX_SPLIT_BLOCKS."""
-    return _env_int("AKV_SPLIT_BLOCKS", range(1, MAX_SPLIT_BLOCKS + 1),
-                    f"1..{MAX_SPLIT_BLOCKS} blocks per CTA")
+    Raises ValueError naming the variable unless it is 1..MAX_FLASH_SPLIT_BLOCKS."""
+    return _env_int("AKV_SPLIT_BLOCKS", range(1, MAX_FLASH_SPLIT_BLOCKS + 1),
+                    f"1..{MAX_FLASH_SPLIT_BLOCKS} blocks per CTA")
 
 
 MAX_GROUP_V4 = 4

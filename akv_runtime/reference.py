@@ -12,7 +12,8 @@ numpy                              CUDA entry point
 :func:`decode_attention`           ``akv_decode_scores`` → ``akv_decode_estimate``
                                    → ``akv_decode_values`` → ``akv_decode_combine``;
                                    with ``v_whole`` (and in full mode) the V-whole
-                                   path: ``akv_decode_split_whole`` (or
+                                   path: ``akv_decode_flash_whole`` (or
+                                   ``akv_decode_split_whole``, or
                                    ``akv_decode_scores`` →
                                    ``akv_decode_values_whole``) →
                                    ``akv_decode_combine_rescale``
@@ -194,10 +195,15 @@ V_RULE_POLICIES = ("auto", "always", "never")
 #: V-whole path in its two launches, the flash kernel and the combine, against the V rule's
 #: four launches, us, interleaved rounds): faster up to 128 MiB of V (SmolLM2 8 x 32k,
 #: 96 MiB: 63.5 against 76.6; Llama-3-8B 1 x 32k, 64 MiB: 47.9 against 62.0; 8 x 8k,
-#: 128 MiB: 83.9 against 90.2; Llama-2-7B 1 x 16k, 128 MiB: 68.9 against 68.7), slower at
-#: 256 MiB (Llama-2-7B 8 x 4k: 126.9 against 115.5; 1 x 32k: 127.8 against 118.8;
-#: Llama-3-8B 8 x 16k: 154.9 against 151.4) and beyond. With the split kernel (fifteenth
-#: session) the crossing had been between 96 and 128 MiB, and the threshold 64 MiB.
+#: 128 MiB: 83.9 against 90.2; Llama-2-7B 1 x 16k, 128 MiB: 68.9 against 68.7). Above it
+#: the V rule is clearly faster at MHA (Llama-2-7B 8 x 4k, 256 MiB: 115.5 against 126.9;
+#: 1 x 32k: 118.8 against 127.8; 8 x 16k, 1 GiB: 387.6 against 470.7); at GQA the two stay
+#: within a few percent up to 384 MiB, either way (docs/benchmarks.md, seventeenth session's
+#: grid, ms, V rule / flash: Llama-3-8B 8 x 16k 0.1518 / 0.1546, 32 x 4k 0.1588 / 0.1561,
+#: 1 x 128k 0.1702 / 0.1591; SmolLM2 32 x 16k 0.1233 / 0.1139, 32 x 32k 0.2199 / 0.2162)
+#: and the V rule wins from 512 MiB (Llama-3-8B 8 x 32k 0.2823 / 0.2963). One threshold
+#: for every shape; with the split kernel (fifteenth session) the crossing had been
+#: between 96 and 128 MiB, and the threshold 64 MiB.
 V_RULE_MIN_BYTES = 128 << 20
 
 
@@ -671,7 +677,7 @@ def decode_attention(planes: dict, q, block_table, lengths, mode: str = "aligned
     the V-side estimate ``O_est_d = Σ_{j∈S} p_j |v8_jd|`` over the arg-max tokens of the
     top-``rule.topk`` blocks (hi plane only), V read at :func:`v_tiers`, fp32 output.
     With ``v_whole`` (and always in ``full`` mode) it is the twin of the V-whole path (the
-    split kernel and the combine, or three launches; docs/design.md): no estimate
+    flash or the split kernel and the combine, or three launches; docs/design.md): no estimate
     (``o_est`` stays zero, its rows are not counted), every V token at tier 16, no V
     exponent maxima read; the kernels normalise per split and
     merge the splits, which equals this global softmax up to fp32 rounding.

@@ -12,10 +12,12 @@
 //   akv_decode_values_d{64,128}   V tiers per token, per-block partial outputs (normalised)
 //   akv_decode_combine            sum of the partials -> fp16 output
 // or, on the V-whole path (V at 16 bits, no V rule; docs/design.md), two:
-// akv_decode_split_whole_v7_* (a split's scores, then its values normalised by the split's
-// own softmax statistics, in one CTA; akv_decode_v7.cuh) and akv_decode_combine_rescale (the
-// flash-decoding merge of the splits); or three, the version's scores kernel and
-// akv_decode_values_whole_* in place of the split kernel ($AKV_SPLIT_WHOLE=0).
+// akv_decode_flash_whole_v7_* (one pass over a split: each block's scores straight into its
+// p·V by an online softmax; akv_decode_v7.cuh; the default) or akv_decode_split_whole_v7_*
+// (a split's scores, then its values normalised by the split's own softmax statistics, in
+// one CTA), then akv_decode_combine_rescale (the flash-decoding merge of the splits); or
+// three, the version's scores kernel and akv_decode_values_whole_* in place of the one-CTA
+// kernel ($AKV_WHOLE_KERNEL=three).
 // Each has its numpy twin in akv_runtime/reference.py (decode_attention).
 #include "akv_planes.cuh"
 

@@ -29,7 +29,8 @@
 // Special values: a block of V holding an exponent-31 value is read at 16 bits (as in every
 // version); there, a weight p > 0 whose lo term would be 0 gets the smallest subnormal
 // instead, so that Inf * hi + Inf * lo stays Inf (Inf * 0 would be NaN; lo >= 0 rules out
-// Inf - Inf) at a cost of <= 2^-34 absolute per weight.
+// Inf - Inf) at a cost of <= 2^-34 absolute per weight. Not below p = 2^-34, where hi is 0
+// too (x < 2^-24) and Inf * hi gives NaN (float64 attention: +Inf).
 //
 // The scores kernel of this version is version 3's. Numerics: the same tiers, statistics and
 // byte counts as versions 1-4; the output differs in summation order and in the weights'

@@ -279,6 +279,7 @@ __device__ __forceinline__ void flash_whole(
   const int first = split * split_blocks;
   if (first >= nblk) return;
   const int count = min(split_blocks, nblk - first);
+  if (split_blocks > kMaxScoreSplit) __trap();    // the host caps it (MAX_FLASH_SPLIT_BLOCKS)
   const long long qhead = ((long long)b * num_kv_heads + h) * G;
   const long long srow = (long long)blocks_per_seq * T;
   const int g8 = lane >> 2, tq = lane & 3;
@@ -459,7 +460,7 @@ __device__ __forceinline__ void flash_whole(
 
 }  // namespace akv7
 
-// The split kernel's entry point (one per head_dim and group).
+// The split and flash kernels' entry point (one per kernel, head_dim and group).
 #define AKV7_SPLIT_WHOLE_ENTRY(NAME, FN, ...)                                                \
   extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(                              \
       const __half* q, long long q_sb, long long q_sh, const int* lengths,                   \
@@ -482,8 +483,8 @@ __device__ __forceinline__ void flash_whole(
 #define AKV7_SCORE_MINB(D, G) (D == 64 && G <= 3 ? AKV_MINB_FIT(9) : 6)
 
 // Minimum CTAs per SM of the flash kernel (akv7::flash_whole): 4 (at most 128 registers;
-// 140-143 without the bound at head_dim 128, groups 1-4, no spills either way; 90 at head_dim
-// 64), but 3 at head_dim 128 beyond group 4, where 4 would spill (92 bytes at group 8) and
+// 136-143 without the bound at head_dim 128, groups 1-4, no spills either way; 87-115 at
+// head_dim 64), but 3 at head_dim 128 beyond group 4, where 4 would spill (92 bytes at group 8) and
 // measured slower (Llama-3-70B shape 8 x 4k: 63.1 against 57.5 us; at group 4, Llama-3-8B
 // 8 x 4k, 47.3 against 49.1; docs/perf-notes.md, seventeenth session).
 #define AKV7_FLASH_MINB(D, G) (D == 128 && G > 4 ? 3 : 4)

@@ -634,8 +634,8 @@ def test_default_decode_version_by_group():
     ("AKV_DECODE_VERSION", "abc", r"\$AKV_DECODE_VERSION: expected one of .*'abc'"),
     ("AKV_DECODE_VERSION", "10", r"\$AKV_DECODE_VERSION: expected one of .*'10'"),
     ("AKV_DECODE_VERSION", "0", r"\$AKV_DECODE_VERSION"),
-    ("AKV_SPLIT_BLOCKS", "0", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'0'"),
-    ("AKV_SPLIT_BLOCKS", "9", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.8 .*'9'"),
+    ("AKV_SPLIT_BLOCKS", "0", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.16 .*'0'"),
+    ("AKV_SPLIT_BLOCKS", "17", r"\$AKV_SPLIT_BLOCKS: expected 1\.\.16 .*'17'"),
     ("AKV_SPLIT_BLOCKS", "x", r"\$AKV_SPLIT_BLOCKS"),
     ("AKV_FUSED", "yes", r"\$AKV_FUSED: expected 0, 1 or always, got 'yes'"),
     ("AKV_WHOLE_KERNEL", "1", r"\$AKV_WHOLE_KERNEL: expected one of flash, split, three, got '1'"),
@@ -667,3 +667,45 @@ def test_environment_variables_pick_version_and_split(fake, monkeypatch):
         cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
         assert cache._backend.whole_kernel == expected
         cache.close()
+    # the variable it replaced is no longer read, and says so
+    monkeypatch.setenv("AKV_SPLIT_WHOLE", "0")
+    monkeypatch.setenv("AKV_WHOLE_KERNEL", "")
+    with pytest.warns(UserWarning, match=r"\$AKV_SPLIT_WHOLE is no longer read"):
+        cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
+    assert cache._backend.whole_kernel == "flash"
+    cache.close()
+    # a forced split above 8 reaches the scores and flash kernels, capped at their 16
+    monkeypatch.delenv("AKV_SPLIT_WHOLE")
+    monkeypatch.setenv("AKV_SPLIT_BLOCKS", "12")
+    cache = AlignedKVCache(1, 4, 128, 64 * 100, backend="cuda")
+    assert cache._backend.splits(100, 4, 1) == (12, 8)
+    assert cache._backend.whole_split(100, 4, 1) == 12
+    cache._backend.whole_kernel = "split"
+    assert cache._backend.whole_split(100, 4, 1) == 8
+    cache.close()
+
+
+def test_whole_split_caps_and_caches_per_kernel(fake):
+    """The V-whole path's split (CudaBackend.whole_split): the flash kernel's at most
+    MAX_FLASH_SPLIT_BLOCKS (16) blocks per CTA, the split kernel's at most MAX_SPLIT_BLOCKS
+    (8), each from its own occupancy; the cached choice is per kernel, so switching back
+    and forth gives each its own."""
+    from akv_runtime import kernels
+    cache = AlignedKVCache(1, 1, 128, 64 * 1000, backend="cuda")
+    backend = cache._backend
+    # 32 sequences x 8 KV heads of 1000 blocks: ~240 blocks per resident CTA, so the caps bind
+    args = (1000, 8, 32)
+    flash = backend.whole_split(*args)
+    backend.whole_kernel = "split"
+    split = backend.whole_split(*args)
+    backend.whole_kernel = "flash"
+    assert backend.whole_split(*args) == flash
+    sms = backend.dev.multiprocessors
+    assert flash == kernels.choose_split(1000, 256, sms * backend.flash_whole_per_sm, 16)
+    assert split == kernels.MAX_SPLIT_BLOCKS == 8 < flash      # the split kernel's cap binds
+    # a short call: each kernel's own occupancy decides, below both caps
+    for kernel, per_sm, cap in (("flash", backend.flash_whole_per_sm, 16),
+                                ("split", backend.split_whole_per_sm, 8)):
+        backend.whole_kernel = kernel
+        assert backend.whole_split(64, 8, 4) == kernels.choose_split(64, 32, sms * per_sm, cap)
+    cache.close()
